@@ -62,7 +62,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _load_subcommands() -> None:
     # Subcommands defined in other modules register themselves on import.
-    from . import demo, vlm_cli  # noqa: F401
+    from . import demo, generate_cli, vlm_cli  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:

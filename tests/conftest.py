@@ -18,3 +18,18 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def unet():
+    """A tiny random diffusers UNet2DConditionModel (latents (B, 4, 16, 16), context width 24)."""
+    from mmkit.testing.tiny import tiny_unet
+
+    return tiny_unet(seed=0)
+
+
+@pytest.fixture
+def inputs():
+    """(latents (2, 4, 16, 16), timestep, context (2, 5, 24)) for the ``unet`` fixture."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor(500), torch.randn(2, 5, 24, generator=g)

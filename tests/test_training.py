@@ -124,3 +124,38 @@ def test_shipped_config_smoke_with_real_backbones(tmp_path):
     ], tmp_path)
     meta = json.loads((tmp_path / "run" / "final" / "connector.json").read_text())
     assert meta["kind"] == "vlap" and meta["config"]["vision_dim"] == 1280 and meta["config"]["llm_dim"] == 576
+
+
+def test_graceful_stop_saves_at_a_step_boundary_on_sigterm_and_restores_the_handler():
+    import os
+    import signal
+
+    from mmkit.training.checkpoint import GracefulStop
+
+    before = signal.getsignal(signal.SIGTERM)
+    saved, said = [], []
+    steps_done = 0
+    with pytest.raises(SystemExit) as done:
+        with GracefulStop(lambda: saved.append(steps_done), said.append, lambda: f"step {steps_done}") as stop:
+            for _ in range(5):
+                steps_done += 1
+                if steps_done == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)  # only sets the flag: this step still finishes
+                stop.check()
+    assert done.value.code == 130
+    assert saved == [2] and "saved step 2" in said[0] and "--resume" in said[0]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_graceful_stop_saves_on_ctrl_c_and_lets_other_errors_through_unsaved():
+    from mmkit.training.checkpoint import GracefulStop
+
+    saved = []
+    with pytest.raises(SystemExit):
+        with GracefulStop(lambda: saved.append("ctrl-c"), lambda _: None, lambda: "x"):
+            raise KeyboardInterrupt
+    with pytest.raises(ValueError, match="bad batch"):
+        with GracefulStop(lambda: saved.append("error"), lambda _: None, lambda: "x") as stop:
+            stop.check()  # no signal: nothing happens
+            raise ValueError("bad batch")
+    assert saved == ["ctrl-c"]

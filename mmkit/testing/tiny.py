@@ -124,7 +124,7 @@ def tiny_qformer(seed: int = 0, *, encoder_hidden_size: int = 40):
 
 
 def tiny_unet(seed: int = 0, *, sample_size: int = 16, cross_attention_dim: int = 24):
-    """``UNet2DConditionModel``: 2 resolutions (16 -> 8 latent px), channels (32, 48), head dim 8."""
+    """``UNet2DConditionModel``: 2 resolutions (16 -> 8 latent px), channels (32, 48), 8 heads (diffusers reads attention_head_dim as the head count)."""
     from diffusers import UNet2DConditionModel
 
     _seeded(seed)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -81,3 +82,44 @@ def load_training_state(
     if scheduler is not None and (checkpoint / "scheduler.pt").is_file():
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True, map_location="cpu"))
     return json.loads(state_path.read_text())
+
+
+class StopRequested(Exception):
+    """Raised inside a training loop by :meth:`GracefulStop.check` once SIGTERM arrived."""
+
+
+class GracefulStop:
+    """Context manager for a training loop: nothing is lost on Ctrl-C or SIGTERM.
+
+    SIGTERM only sets a flag; the loop calls :meth:`check` after each step, which raises
+    :class:`StopRequested` at a step boundary. On that or on ``KeyboardInterrupt``, ``save()`` writes a
+    checkpoint, ``announce(message)`` says where, and the process exits with status 130.
+
+        with GracefulStop(lambda: checkpoint(step), accelerator.print, lambda: f"step {step}") as stop:
+            for ...: train one step; stop.check()
+    """
+
+    def __init__(self, save: Callable[[], object], announce: Callable[[str], object],
+                 describe: Callable[[], str]) -> None:
+        self.save, self.announce, self.describe = save, announce, describe
+        self.requested = False
+        self._previous = None
+
+    def check(self) -> None:
+        if self.requested:
+            raise StopRequested
+
+    def __enter__(self) -> GracefulStop:
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, *_) -> None:
+        self.requested = True
+
+    def __exit__(self, kind, value, tb) -> bool:
+        signal.signal(signal.SIGTERM, self._previous)
+        if kind is not None and issubclass(kind, (KeyboardInterrupt, StopRequested)):
+            self.save()
+            self.announce(f"\ninterrupted: saved {self.describe()}; continue with --resume")
+            raise SystemExit(130) from None
+        return False

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..config import StrictConfig, atomic_write_text
 from ..models.vlm import CAPTION_PROMPT, VQA_PROMPT, VisionLanguageModel
-from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import GracefulStop, latest_checkpoint, load_training_state, save_checkpoint
+from .config import TrainLoopConfig
 from .features import cached_features
 from .vlm_data import DataConfig, ExampleDataset, ImageSource, collate
 
@@ -40,19 +40,10 @@ class ModelConfig(StrictConfig):
 
 
 @dataclass
-class TrainConfig(StrictConfig):
+class TrainConfig(TrainLoopConfig):
     output_dir: str = "outputs/caption-vlap"
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
     max_train_steps: int = 2000
-    seed: int = 0
-    log_every: int = 25
-    save_every: int = 250
-    keep_checkpoints: int = 2
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
     cache_features: bool = True
 
 
@@ -108,10 +99,6 @@ def build_model(cfg: VLMTrainConfig, encoder, llm, caption_texts: list[str]) -> 
     return VisionLanguageModel(
         encoder, connector, llm, caption_prompt=cfg.model.caption_prompt, vqa_prompt=cfg.model.vqa_prompt
     )
-
-
-class _StopRequested(Exception):
-    pass
 
 
 def train_vlm(cfg: VLMTrainConfig, *, resume: bool = False, command: str | None = None) -> Path:
@@ -182,49 +169,42 @@ def train_vlm(cfg: VLMTrainConfig, *, resume: bool = False, command: str | None 
             save_checkpoint(out_dir, at, write_adapter=write_connector, optimizer=optimizer, scheduler=scheduler,
                             state={"seed": tc.seed}, keep=tc.keep_checkpoints)
 
-    stop = {"flag": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     log_path = out_dir / "log.jsonl"
     steps_per_epoch = max(1, len(loader))
     progress = tqdm(total=tc.max_train_steps, initial=step, desc="training connector", unit="step",
                     disable=not accelerator.is_main_process)
     model.connector.train()
     started = time.perf_counter()
-    try:
-        while step < tc.max_train_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            sampler.generator.manual_seed(tc.seed + epoch)
-            batches = accelerator.skip_first_batches(loader, offset) if offset else loader
-            for batch in batches:
-                with accelerator.accumulate(model.connector):
-                    out = model(batch["features"], batch["prompt"], batch["target"], alignment_texts=batch["align"])
-                    accelerator.backward(out["loss"])
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                step += 1
-                progress.update(1)
-                if step % tc.log_every == 0 or step == tc.max_train_steps:
-                    record = {"step": step, "lr": scheduler.get_last_lr()[0],
-                              "elapsed_s": round(time.perf_counter() - started, 1)}
-                    record.update({k: round(float(v.detach()), 4) for k, v in out.items()})
-                    progress.set_postfix(loss=record["loss"])
-                    if accelerator.is_main_process:
-                        with open(log_path, "a") as fh:
-                            fh.write(json.dumps(record) + "\n")
-                if step % tc.save_every == 0:
-                    checkpoint(step)
-                if stop["flag"]:
-                    raise _StopRequested
-                if step >= tc.max_train_steps:
-                    break
-    except (KeyboardInterrupt, _StopRequested):
-        checkpoint(step)
-        accelerator.print(f"\ninterrupted: saved step {step} to {out_dir}; continue with --resume")
-        raise SystemExit(130) from None
-    finally:
-        progress.close()
-        signal.signal(signal.SIGTERM, previous)
+    with GracefulStop(lambda: checkpoint(step), accelerator.print, lambda: f"step {step} to {out_dir}") as stop:
+        try:
+            while step < tc.max_train_steps:
+                epoch, offset = divmod(step, steps_per_epoch)
+                sampler.generator.manual_seed(tc.seed + epoch)
+                batches = accelerator.skip_first_batches(loader, offset) if offset else loader
+                for batch in batches:
+                    with accelerator.accumulate(model.connector):
+                        out = model(batch["features"], batch["prompt"], batch["target"], alignment_texts=batch["align"])
+                        accelerator.backward(out["loss"])
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                    step += 1
+                    progress.update(1)
+                    if step % tc.log_every == 0 or step == tc.max_train_steps:
+                        record = {"step": step, "lr": scheduler.get_last_lr()[0],
+                                  "elapsed_s": round(time.perf_counter() - started, 1)}
+                        record.update({k: round(float(v.detach()), 4) for k, v in out.items()})
+                        progress.set_postfix(loss=record["loss"])
+                        if accelerator.is_main_process:
+                            with open(log_path, "a") as fh:
+                                fh.write(json.dumps(record) + "\n")
+                    if step % tc.save_every == 0:
+                        checkpoint(step)
+                    stop.check()
+                    if step >= tc.max_train_steps:
+                        break
+        finally:
+            progress.close()
     checkpoint(step)
     final = out_dir / "final"
     if accelerator.is_main_process:
@@ -261,27 +241,16 @@ class _UncachedCollate:
 
 def recipe_main(default_config: str, argv: list[str] | None = None) -> Path:
     """Command line shared by the caption and VQA recipes (each passes its default yaml)."""
-    import argparse
     import sys
 
-    from .config import load_config
+    from .config import parse_recipe_args
 
-    parser = argparse.ArgumentParser(
+    cfg, args = parse_recipe_args(
+        VLMTrainConfig, default_config,
         description="Train a vision->LLM connector (run under `accelerate launch` for multi-GPU).",
         epilog="Extra arguments are dotted overrides, e.g. train.learning_rate=1e-4 model.connector=linear",
+        argv=argv,
     )
-    parser.add_argument("--config", default=default_config, help=f"yaml config (default: {default_config})")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="override train.max_train_steps")
-    parser.add_argument("--output_dir", default=None, help="override train.output_dir")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.max_train_steps is not None:
-        overrides.append(f"train.max_train_steps={args.max_train_steps}")
-    if args.output_dir is not None:
-        overrides.append(f"train.output_dir={args.output_dir}")
-    cfg = load_config(VLMTrainConfig, args.config, overrides)
     command = " ".join(["accelerate launch", *sys.argv]) if argv is None else " ".join(argv)
     final = train_vlm(cfg, resume=args.resume, command=command)
     print(f"connector saved to {final}")

