@@ -173,6 +173,7 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
     parser.add_argument("--qa-per-image", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--render-size", type=int, default=224)
+    parser.add_argument("--max-objects", type=int, default=3, help="ShapesWorld scenes hold 1..N objects")
     parser.add_argument("--feature-cache", default="outputs/features")
     parser.add_argument("--coco-captions")
     parser.add_argument("--coco-images")
@@ -182,7 +183,7 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
     parser.add_argument("--json", help="write all metrics (and sample outputs) to this file")
     args = parser.parse_args(argv)
     data = DataConfig(
-        source=args.source, split=args.split, size=args.size, render_size=args.render_size,
+        source=args.source, split=args.split, size=args.size, render_size=args.render_size, max_objects=args.max_objects,
         coco_captions=args.coco_captions, coco_images=args.coco_images, vqa_questions=args.vqa_questions,
         vqa_annotations=args.vqa_annotations, vqa_images=args.vqa_images, feature_cache=args.feature_cache,
     )
