@@ -24,22 +24,20 @@ normed tokens the processor sees (the official code matches on the block input b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import Tensor, nn
 
 from ..config import StrictConfig
 from ..ops.agent import agent_attention
-from .patch import Patch, PatchTarget
 from .processors import project_out, project_qkv
 from .tome import (
     MergeRecord,
     MergeRuntime,
     MergingAttnProcessor,
+    MergingPatch,
     check_max_downsample,
     check_merge_numbers,
     check_mergeable,
-    merging_processors,
     plan_merges,
 )
 
@@ -180,12 +178,14 @@ class AgentSDAttnProcessor(MergingAttnProcessor):
         return f"AgentSDAttnProcessor({len(self.config.schedule)} schedule entries, x{self.downsample})"
 
 
-class AgentSD(Patch):
+class AgentSD(MergingPatch):
     """AgentSD on the self-attention of the highest-resolution blocks: ``patch(pipe, AgentSD())``.
 
     ``AgentSD(AgentSDConfig(max_downsample=2))``; ``AgentSD(ratio=0.5)`` sets the merge ratio of every
     schedule entry. After each application ``self.runtime.records`` holds what every layer did last.
     """
+
+    processor_class = AgentSDAttnProcessor
 
     def __init__(self, config: AgentSDConfig | None = None, *, ratio: float | None = None) -> None:
         config = config if config is not None else AgentSDConfig()
@@ -196,12 +196,6 @@ class AgentSD(Patch):
         self.config = config
         self.runtime: MergeRuntime | None = None
 
-    def processors(self, target: PatchTarget) -> dict[str, Any]:
-        self.runtime = MergeRuntime.create(target.context, self.config.seed)
-        return merging_processors(
-            self, target, self.config.max_downsample,
-            lambda path, ds: AgentSDAttnProcessor(self.config, runtime=self.runtime, downsample=ds, path=path),
-        )
 
     def describe(self) -> str:
         c = self.config

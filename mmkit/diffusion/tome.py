@@ -278,12 +278,30 @@ def check_mergeable(who: str, x: Tensor, encoder_hidden_states: Tensor | None, a
         )
 
 
-class ToMe(Patch):
+class MergingPatch(Patch):
+    """Base of the token-merging patches: one ``processor_class`` instance per selected self-attention
+    layer up to ``config.max_downsample``, all sharing a fresh :class:`MergeRuntime` per application."""
+
+    processor_class: type[MergingAttnProcessor]
+    config: Any
+    runtime: MergeRuntime | None
+
+    def processors(self, target: PatchTarget) -> dict[str, Any]:
+        self.runtime = MergeRuntime.create(target.context, self.config.seed)
+        return merging_processors(
+            self, target, self.config.max_downsample,
+            lambda path, ds: self.processor_class(self.config, runtime=self.runtime, downsample=ds, path=path),
+        )
+
+
+class ToMe(MergingPatch):
     """Plain ToMe on the self-attention of the highest-resolution blocks: ``patch(pipe, ToMe())``.
 
     ``ToMe(ToMeConfig(ratio=0.3))`` or ``ToMe(ratio=0.3)``. After each application ``self.runtime``
     holds the shared state, ``self.runtime.records`` what every layer did on its latest call.
     """
+
+    processor_class = ToMeAttnProcessor
 
     def __init__(self, config: ToMeConfig | None = None, *, ratio: float | None = None) -> None:
         config = config if config is not None else ToMeConfig()
@@ -292,12 +310,6 @@ class ToMe(Patch):
         self.config = config if ratio is None else config.replace(ratio=ratio)
         self.runtime: MergeRuntime | None = None
 
-    def processors(self, target: PatchTarget) -> dict[str, Any]:
-        self.runtime = MergeRuntime.create(target.context, self.config.seed)
-        return merging_processors(
-            self, target, self.config.max_downsample,
-            lambda path, ds: ToMeAttnProcessor(self.config, runtime=self.runtime, downsample=ds, path=path),
-        )
 
     def describe(self) -> str:
         c = self.config
