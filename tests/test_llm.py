@@ -113,8 +113,31 @@ def test_chat_template_and_text_features(lm):
     assert text.startswith("<s> user :") and "<image>" in text
     ids, is_img = chat.prompt_ids("<image> what colour ?", 2)
     assert sum(is_img) == 2
-    feats = lm.text_features(["a red circle", "a blue star ."])
+    plain = FrozenLM(lm.model, lm.tokenizer, text_feature_memo=0)
+    feats = plain.text_features(["a red circle", "a blue star ."])
     assert feats.shape == (2, lm.hidden_size)
     # padding does not change a text's features
-    alone = lm.text_features(["a red circle"])
+    alone = plain.text_features(["a red circle"])
     assert torch.allclose(feats[0], alone[0], atol=1e-5)
+
+
+def test_text_feature_memo_runs_only_new_texts(lm):
+    memo = FrozenLM(lm.model, lm.tokenizer, text_feature_memo=2)
+    batch_sizes = []
+    hook = lm.model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        first = memo.text_features(["a red circle", "a blue star .", "a red circle"])
+        again = memo.text_features(["a blue star .", "a red circle "])  # stripped text is the key
+        assert batch_sizes == [2]  # the repeat inside the first call and the whole second call: no LM run
+        assert torch.equal(again, first[[1, 0]]) and torch.equal(first[0], first[2])
+        memo.text_features(["a green square"])  # evicts the least recently used ("a blue star .")
+        assert list(memo._memo) == ["a red circle", "a green square"] and batch_sizes == [2, 1]
+    finally:
+        hook.remove()
+    plain = FrozenLM(lm.model, lm.tokenizer, text_feature_memo=0).text_features(["a red circle"])
+    assert torch.allclose(plain[0], first[0], atol=1e-5)
+    assert memo.text_features([]).shape == (0, lm.hidden_size)
+    with pytest.raises(ValueError, match="text_feature_memo"):
+        FrozenLM(lm.model, lm.tokenizer, text_feature_memo=-1)

@@ -13,6 +13,7 @@ token from the KV cache.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,13 +48,21 @@ class FrozenLM(nn.Module):
         model: a ``transformers`` causal LM (``AutoModelForCausalLM``).
         tokenizer: its tokenizer.
         chat_template: wrap prompts in the tokenizer's chat template (user turn + generation prompt).
+        text_feature_memo: how many :meth:`text_features` rows to remember (the LM is frozen, so a text's
+            features never change; VLAP asks for every training caption once per epoch). 0 turns it off.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, chat_template: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, *, chat_template: bool = False, text_feature_memo: int = 65536
+    ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        if text_feature_memo < 0:
+            raise ValueError(f"text_feature_memo must be >= 0, got {text_feature_memo}")
+        self.text_feature_memo = text_feature_memo
+        self._memo: OrderedDict[str, Tensor] = OrderedDict()  # text -> (d,) fp32 features on the CPU
         self.model.requires_grad_(False)
         self.model.eval()
         eos = tokenizer.eos_token_id
@@ -209,8 +218,27 @@ class FrozenLM(nn.Module):
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> Tensor:
-        """Mean-pooled last hidden states of each text on its own (B, d): VLAP's text representation."""
-        rows = [self._encode_text(" " + t.strip()) for t in texts]
+        """Mean-pooled last hidden states of each text on its own (B, d): VLAP's text representation.
+
+        Rows already computed come from the memo (least recently used rows are dropped beyond
+        ``text_feature_memo``); only new texts run through the LM, in one padded batch.
+        """
+        keys = [t.strip() for t in texts]
+        new = [k for k in dict.fromkeys(keys) if k not in self._memo]
+        fresh = dict(zip(new, self._compute_text_features(new))) if new else {}
+        dtype = self.model.get_input_embeddings().weight.dtype
+        rows = [fresh[k] if k in fresh else self._memo[k].to(self.device, dtype) for k in keys]
+        if self.text_feature_memo:
+            for k in keys:
+                if k in fresh:
+                    self._memo[k] = fresh[k].detach().float().cpu()
+                self._memo.move_to_end(k)
+            while len(self._memo) > self.text_feature_memo:
+                self._memo.popitem(last=False)
+        return torch.stack(rows) if rows else torch.empty(0, self.hidden_size, device=self.device, dtype=dtype)
+
+    def _compute_text_features(self, texts: Sequence[str]) -> Tensor:
+        rows = [self._encode_text(" " + t) for t in texts]
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
