@@ -16,7 +16,13 @@ from mmkit.data.shapes_language import caption
 from mmkit.diffusion import AgentSD, ToMe, patch
 from mmkit.diffusion.pixel_pipeline import PixelTextToImagePipeline
 from mmkit.diffusion.t2i_data import ShapesT2IData, T2IDataConfig, held_out_prompts
-from mmkit.eval.shapes_judge import judge, judge_accuracy, prompt_following, prompt_following_accuracy
+from mmkit.eval.shapes_judge import (
+    JudgeConfig,
+    judge,
+    judge_accuracy,
+    prompt_following,
+    prompt_following_accuracy,
+)
 from mmkit.text_encoders import DEFAULT_TEXT_ENCODER, PromptEncoder, load_text_encoder, resolve_text_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,7 +311,6 @@ def test_an_encoder_without_a_source_is_saved_into_the_folder(pipe, tmp_path):
 def test_shipped_model_loads_offline_and_paints_the_asked_colours():
     """assets/t2i/shapes (EMA weights, MiniLM by reference) through the default path of ``mmkit generate``:
     a broken text path (wrong encoder, lost mask, wrong scheduler) would lose the prompt's colours."""
-    from mmkit.eval.shapes_judge import JudgeConfig
     from mmkit.generate_cli import DEFAULT_MODEL, load_pipeline
 
     assert (DEFAULT_MODEL / "unet" / "diffusion_pytorch_model.safetensors").is_file()
