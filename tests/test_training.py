@@ -107,6 +107,13 @@ def test_tiny_caption_recipe_trains_resumes_and_evaluates(tiny_parts, tmp_path):
     res = json.loads(out.read_text())[0]
     assert {"CIDEr", "BLEU-4", "attribute_accuracy"} <= set(res["caption"])
     assert "overall" in res["vqa"] and "cosine" in res["retrieval"] and "assignment" in res["retrieval"]
+    # assignment diagnostics of the trained connector
+    diag = tmp_path / "diag.json"
+    run_recipe("caption/diagnose.py", ["--config", str(ROOT / "recipes/caption/configs/shapes_vlap.yaml"),
+                                       "--connector", str(run_dir / "final"), "--batches", "2", "--json", str(diag),
+                                       *args], tmp_path)
+    d = json.loads(diag.read_text())
+    assert d["connector"] == str(run_dir / "final") and d["batch_size"] == 4 and 0 < d["map_gradient_consistency"] <= 1
 
 
 def test_tiny_vqa_recipe_linear(tiny_parts, tmp_path):

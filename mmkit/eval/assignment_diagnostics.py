@@ -1,0 +1,183 @@
+"""Is VLAP's assignment objective teaching the connector anything? Measurements on real batches.
+
+VLAP (METHODS.md s1) trains the connector with ``map_weight * L_map + L_cap``, where L_map asks the visual
+codes to predict the Sinkhorn assignment of the caption's codes. Whether that helps depends on the targets
+carrying per-sample information. On ShapesWorld + SmolLM2 they barely do, and the gradient of L_map is
+then nearly the same vector every batch: a constant drift that Adam turns into full-size steps whatever
+its weight. This module measures both, for any model and data, before or after training:
+
+- ``target_entropy``: mean entropy (nats) of the text-side assignments q_t, next to ``log K``;
+- ``own_caption_mass`` / ``other_caption_mass``: mass q_t puts on the sample's own caption tokens vs on
+  the tokens of another caption of the batch (equal = the targets do not tell captions apart);
+- ``map_gradient_consistency``: ``||mean_b g_b|| / mean_b ||g_b||`` over the batches' gradients of the
+  weighted L_map on the connector; 1.0 = the same direction every batch, about ``1/sqrt(batches)`` =
+  batch-specific signal;
+- with the caption loss too (one LLM forward/backward per batch): ``map_to_caption_gradient_norm``
+  (``||grad map_weight*L_map|| / ||grad L_cap||``, batch mean), their mean cosine, and
+  ``caption_gradient_consistency`` (the same ratio as above for L_cap, for scale).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..losses.assignment import prototype_scores, sinkhorn
+
+
+def _flat_grad(loss: Tensor, params: list[torch.nn.Parameter]) -> Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+
+
+def assignment_diagnostics(
+    model,
+    features: Tensor,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    batches: int = 8,
+    with_caption_loss: bool = True,
+    seed: int = 0,
+) -> dict:
+    """Diagnostics of a VLAP-style connector in ``model`` (a ``VisionLanguageModel``).
+
+    features: (num_images, N, Dv) encoder tokens; texts[i]: the caption of image i. Draws ``batches``
+    random batches of ``batch_size`` pairs (seeded). Returns a dict of floats (see the module docstring).
+    """
+    connector = model.connector
+    if not getattr(connector, "needs_text_features", False):
+        raise ValueError(
+            f"assignment diagnostics need a connector with an assignment objective (e.g. 'vlap'); "
+            f"got {type(connector).__name__}"
+        )
+    if features.shape[0] != len(texts):
+        raise ValueError(f"{features.shape[0]} images for {len(texts)} captions")
+    if not 2 <= batch_size <= len(texts):
+        raise ValueError(f"batch_size must be in [2, {len(texts)}] (Sinkhorn needs a batch), got {batch_size}")
+    if batches < 2:
+        raise ValueError(f"batches must be >= 2 to measure gradient consistency, got {batches}")
+    cfg = connector.config
+    llm = model.llm
+    prototypes = llm.word_embeddings().detach()  # (K, d)
+    num_prototypes = prototypes.shape[0]
+    marginal = connector.prior if getattr(cfg, "prior", None) == "frequency" else None
+    params = [p for p in connector.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(seed)
+
+    entropies, own_mass, other_mass, map_grads, cap_grads, ratios, cosines = [], [], [], [], [], [], []
+    for _ in range(batches):
+        idx = torch.randperm(len(texts), generator=generator)[:batch_size].tolist()
+        batch_texts = [texts[i] for i in idx]
+        embeds = model.image_embeds(features[idx].float())  # (B, N, d)
+        text_features = llm.text_features(batch_texts)  # (B, d)
+
+        with torch.no_grad():
+            q_t = sinkhorn(prototype_scores(text_features, prototypes), eps=cfg.eps,
+                           iterations=cfg.sinkhorn_iterations, prototype_marginal=marginal)  # (B, K)
+            entropies.append(float(-(q_t * q_t.clamp_min(1e-30).log()).sum(-1).mean()))
+            token_ids = [llm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in batch_texts]
+            for b in range(batch_size):
+                own_mass.append(float(q_t[b, token_ids[b]].sum()))
+                other_mass.append(float(q_t[b, token_ids[(b + 1) % batch_size]].sum()))
+
+        weighted_map = connector.auxiliary_loss(embeds, text_features, prototypes)["weighted"]
+        g_map = _flat_grad(weighted_map, params)
+        map_grads.append(g_map)
+        if with_caption_loss:
+            embeds = model.image_embeds(features[idx].float())
+            lm_batch = llm.build_batch([model.caption_prompt] * batch_size, embeds.shape[1], batch_texts)
+            g_cap = _flat_grad(llm.caption_loss(lm_batch.to(llm.device), embeds), params)
+            cap_grads.append(g_cap)
+            ratios.append(float(g_map.norm() / g_cap.norm().clamp_min(1e-30)))
+            cosines.append(float(torch.nn.functional.cosine_similarity(g_map, g_cap, dim=0)))
+
+    def consistency(grads: list[Tensor]) -> float:
+        g = torch.stack(grads)  # (batches, P)
+        return float(g.mean(0).norm() / g.norm(dim=1).mean().clamp_min(1e-30))
+
+    out = {
+        "batches": batches,
+        "batch_size": batch_size,
+        "prototypes": num_prototypes,
+        "target_entropy": sum(entropies) / len(entropies),
+        "max_entropy": math.log(num_prototypes),
+        "own_caption_mass": sum(own_mass) / len(own_mass),
+        "other_caption_mass": sum(other_mass) / len(other_mass),
+        "map_gradient_consistency": consistency(map_grads),
+        "independent_consistency": 1.0 / math.sqrt(batches),
+    }
+    if with_caption_loss:
+        out["map_to_caption_gradient_norm"] = sum(ratios) / len(ratios)
+        out["map_caption_gradient_cosine"] = sum(cosines) / len(cosines)
+        out["caption_gradient_consistency"] = consistency(cap_grads)
+    return out
+
+
+def format_diagnostics(d: dict) -> str:
+    """A few readable lines for the command line."""
+    lines = [
+        f"text-side assignment entropy  {d['target_entropy']:.2f} nats (uniform over {d['prototypes']} "
+        f"prototypes: {d['max_entropy']:.2f})",
+        f"q_t mass on own caption tokens {d['own_caption_mass']:.4f} vs another caption's "
+        f"{d['other_caption_mass']:.4f}",
+        f"L_map gradient consistency    {d['map_gradient_consistency']:.3f} over {d['batches']} batches "
+        f"(1 = same direction every batch; independent batches ~{d['independent_consistency']:.3f})",
+    ]
+    if "map_to_caption_gradient_norm" in d:
+        lines.append(
+            f"|grad weighted L_map| / |grad L_cap| {d['map_to_caption_gradient_norm']:.4f}, "
+            f"cosine {d['map_caption_gradient_cosine']:+.3f}; L_cap gradient consistency "
+            f"{d['caption_gradient_consistency']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def diagnose_main(argv: list[str] | None = None) -> dict:
+    """Command line: the training config's model and data, at init or with a trained connector's weights."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from ..config import atomic_write_text
+    from ..connectors import load_connector
+    from ..training.config import load_config
+    from ..training.vlm import VLMTrainConfig, build_model, encoder_meta, load_components, source_features
+    from ..training.vlm_data import ImageSource
+
+    parser = argparse.ArgumentParser(description="Measure how informative VLAP's assignment targets are.")
+    parser.add_argument("--config", required=True, help="a caption/VQA training yaml (model + data sections)")
+    parser.add_argument("--connector", default=None, help="trained connector folder (default: the untrained init)")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
+    parser.add_argument("--no-caption-loss", action="store_true", help="skip the LLM forward/backward")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(VLMTrainConfig, args.config, list(args.overrides))
+    torch.manual_seed(cfg.train.seed)
+    encoder, llm = load_components(cfg.model)
+    source = ImageSource(cfg.data)
+    features = source_features(source, encoder, encoder_meta(cfg.model), cfg.data.feature_cache)
+    texts = [source.caption(i) for i in range(len(source))]
+    model = build_model(cfg, encoder, llm, [t for t in texts if t])
+    if args.connector:
+        trained, _ = load_connector(args.connector)
+        model.connector.load_state_dict(trained.state_dict())
+    keep = [i for i, t in enumerate(texts) if t]
+    result = assignment_diagnostics(
+        model, features[keep], [texts[i] for i in keep], batch_size=args.batch_size or cfg.train.batch_size,
+        batches=args.batches, with_caption_loss=not args.no_caption_loss, seed=cfg.train.seed,
+    )
+    result["connector"] = args.connector or "init"
+    print(format_diagnostics(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,66 @@
+"""VLAP assignment diagnostics on tiny real classes: the numbers match direct computations."""
+
+import math
+
+import pytest
+import torch
+
+from mmkit.connectors import build_connector
+from mmkit.eval.assignment_diagnostics import assignment_diagnostics, format_diagnostics
+from mmkit.llm import FrozenLM
+from mmkit.losses import prototype_scores, sinkhorn, word_frequency_prior
+from mmkit.models import VisionLanguageModel
+from mmkit.testing import tiny_llama, tiny_tokenizer
+
+CAPTIONS = ["a red circle", "a blue star", "a green square", "two red stars", "a big circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm")
+    tiny_llama().save_pretrained(root)
+    tiny_tokenizer().save_pretrained(root)
+    return FrozenLM.from_pretrained(root)
+
+
+def make(llm, kind="vlap"):
+    connector = build_connector(kind, vision_dim=10, llm_dim=llm.hidden_size)
+    if kind == "vlap":
+        ids = [llm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in CAPTIONS]
+        connector.set_prior(word_frequency_prior(ids, llm.vocab_size))
+    return VisionLanguageModel(None, connector, llm, caption_prompt="<image> caption :")
+
+
+def test_full_batch_numbers_match_direct_computation(llm):
+    model = make(llm)
+    features = torch.randn(6, 3, 10)
+    d = assignment_diagnostics(model, features, CAPTIONS, batch_size=6, batches=3)
+    # Every batch is the whole set in some order: Sinkhorn and the batch-mean loss are permutation
+    # equivariant, so the L_map gradient is the same vector each time.
+    assert d["map_gradient_consistency"] == pytest.approx(1.0, abs=1e-5)
+    prototypes = llm.word_embeddings().detach()
+    q = sinkhorn(prototype_scores(llm.text_features(CAPTIONS), prototypes), eps=0.01, iterations=3,
+                 prototype_marginal=model.connector.prior)
+    assert d["target_entropy"] == pytest.approx(float(-(q * q.clamp_min(1e-30).log()).sum(-1).mean()), rel=1e-5)
+    assert d["max_entropy"] == pytest.approx(math.log(llm.vocab_size))
+    assert 0 <= d["own_caption_mass"] <= 1 and 0 <= d["other_caption_mass"] <= 1
+    assert d["map_to_caption_gradient_norm"] > 0 and -1 <= d["map_caption_gradient_cosine"] <= 1
+    assert d["caption_gradient_consistency"] == pytest.approx(1.0, abs=1e-5)  # same batch, same gradient
+    assert "consistency" in format_diagnostics(d)
+
+
+def test_sub_batches_give_batch_specific_gradients(llm):
+    model = make(llm)
+    d = assignment_diagnostics(model, torch.randn(6, 3, 10), CAPTIONS, batch_size=3, batches=6,
+                               with_caption_loss=False)
+    assert d["map_gradient_consistency"] < 0.99
+    assert "map_to_caption_gradient_norm" not in d
+
+
+def test_clear_errors(llm):
+    with pytest.raises(ValueError, match="assignment objective"):
+        assignment_diagnostics(make(llm, "linear"), torch.randn(6, 3, 10), CAPTIONS)
+    with pytest.raises(ValueError, match="batch_size"):
+        assignment_diagnostics(make(llm), torch.randn(6, 3, 10), CAPTIONS, batch_size=7)
+    with pytest.raises(ValueError, match="6 images for 5 captions"):
+        assignment_diagnostics(make(llm), torch.randn(6, 3, 10), CAPTIONS[:5])
