@@ -2,16 +2,16 @@
 
 VLAP (METHODS.md s1) trains the connector with ``map_weight * L_map + L_cap``, where L_map asks the visual
 codes to predict the Sinkhorn assignment of the caption's codes. Whether that helps depends on the targets
-carrying per-sample information. On ShapesWorld + SmolLM2 they barely do, and the gradient of L_map is
-then nearly the same vector every batch: a constant drift that Adam turns into full-size steps whatever
-its weight. This module measures both, for any model and data, before or after training:
+carrying per-sample information; on ShapesWorld + SmolLM2 they barely do, and the gradient of L_map is then
+nearly the same vector every batch (mostly the push to flatten the visual code distribution). This module
+measures both, for any model and data, before or after training:
 
 - ``target_entropy``: mean entropy (nats) of the text-side assignments q_t, next to ``log K``;
-- ``own_caption_mass`` / ``other_caption_mass``: mass q_t puts on the sample's own caption tokens vs on
-  the tokens of another caption of the batch (equal = the targets do not tell captions apart);
+- ``own_caption_mass`` / ``other_caption_mass``: mass q_t puts on the (distinct) tokens of the sample's
+  own caption vs on those of the next caption in the batch (equal = the targets do not tell captions apart);
 - ``map_gradient_consistency``: ``||mean_b g_b|| / mean_b ||g_b||`` over the batches' gradients of the
   weighted L_map on the connector; 1.0 = the same direction every batch, about ``1/sqrt(batches)`` =
-  batch-specific signal;
+  batch-specific, zero-mean signal (``independent_consistency``);
 - with the caption loss too (one LLM forward/backward per batch): ``map_to_caption_gradient_norm``
   (``||grad map_weight*L_map|| / ||grad L_cap||``, batch mean), their mean cosine, and
   ``caption_gradient_consistency`` (the same ratio as above for L_cap, for scale).
@@ -79,7 +79,7 @@ def assignment_diagnostics(
             q_t = sinkhorn(prototype_scores(text_features, prototypes), eps=cfg.eps,
                            iterations=cfg.sinkhorn_iterations, prototype_marginal=marginal)  # (B, K)
             entropies.append(float(-(q_t * q_t.clamp_min(1e-30).log()).sum(-1).mean()))
-            token_ids = [llm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in batch_texts]
+            token_ids = [sorted(set(llm.tokenizer(" " + t, add_special_tokens=False)["input_ids"])) for t in batch_texts]
             for b in range(batch_size):
                 own_mass.append(float(q_t[b, token_ids[b]].sum()))
                 other_mass.append(float(q_t[b, token_ids[(b + 1) % batch_size]].sum()))
@@ -88,7 +88,7 @@ def assignment_diagnostics(
         g_map = _flat_grad(weighted_map, params)
         map_grads.append(g_map)
         if with_caption_loss:
-            embeds = model.image_embeds(features[idx].float())
+            embeds = model.image_embeds(features[idx].float())  # fresh graph: autograd.grad freed the first
             lm_batch = llm.build_batch([model.caption_prompt] * batch_size, embeds.shape[1], batch_texts)
             g_cap = _flat_grad(llm.caption_loss(lm_batch.to(llm.device), embeds), params)
             cap_grads.append(g_cap)
