@@ -57,19 +57,21 @@ class VLAPConnector(Connector):
         code_t = prototype_scores(text_features, prototypes)
         return code_v, code_t
 
-    def auxiliary_loss(self, image_embeds: Tensor, text_features: Tensor, prototypes: Tensor) -> dict[str, Tensor]:
-        """{"map_loss": L_map, "weighted": map_weight * L_map}; image_embeds (B, N, d), text_features (B, d)."""
+    def assign(self, codes: Tensor) -> Tensor:
+        """Sinkhorn assignment (B, V) of (B, V) codes under the configured prototype marginal (no grad)."""
         cfg = self.config
-        code_v, code_t = self.codes(image_embeds, text_features, prototypes.detach())
         marginal = None
         if cfg.prior == "frequency":
-            if self.prior.numel() != prototypes.shape[0]:
+            if self.prior.numel() != codes.shape[1]:
                 raise ValueError(
-                    f"VLAP prior='frequency' needs set_prior() with a ({prototypes.shape[0]},) word-frequency "
+                    f"VLAP prior='frequency' needs set_prior() with a ({codes.shape[1]},) word-frequency "
                     f"marginal from the training captions (got {tuple(self.prior.shape)}); or use prior='uniform'"
                 )
-            marginal = self.prior.to(code_v.device)
-        q_v = sinkhorn(code_v.detach(), eps=cfg.eps, iterations=cfg.sinkhorn_iterations, prototype_marginal=marginal)
-        q_t = sinkhorn(code_t.detach(), eps=cfg.eps, iterations=cfg.sinkhorn_iterations, prototype_marginal=marginal)
-        map_loss = swapped_prediction_loss(code_v, code_t, q_v, q_t, tau=cfg.tau)
-        return {"map_loss": map_loss, "weighted": cfg.map_weight * map_loss}
+            marginal = self.prior.to(codes.device)
+        return sinkhorn(codes.detach(), eps=cfg.eps, iterations=cfg.sinkhorn_iterations, prototype_marginal=marginal)
+
+    def auxiliary_loss(self, image_embeds: Tensor, text_features: Tensor, prototypes: Tensor) -> dict[str, Tensor]:
+        """{"map_loss": L_map, "weighted": map_weight * L_map}; image_embeds (B, N, d), text_features (B, d)."""
+        code_v, code_t = self.codes(image_embeds, text_features, prototypes.detach())
+        map_loss = swapped_prediction_loss(code_v, code_t, self.assign(code_v), self.assign(code_t), tau=self.config.tau)
+        return {"map_loss": map_loss, "weighted": self.config.map_weight * map_loss}

@@ -25,11 +25,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..losses.assignment import prototype_scores, sinkhorn
+from ..losses.assignment import prototype_scores
 
 
-def _flat_grad(loss: Tensor, params: list[torch.nn.Parameter]) -> Tensor:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+def _flat_grad(loss: Tensor, params: list[torch.nn.Parameter], *, retain_graph: bool = False) -> Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
     return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
 
 
@@ -60,11 +60,9 @@ def assignment_diagnostics(
         raise ValueError(f"batch_size must be in [2, {len(texts)}] (Sinkhorn needs a batch), got {batch_size}")
     if batches < 2:
         raise ValueError(f"batches must be >= 2 to measure gradient consistency, got {batches}")
-    cfg = connector.config
     llm = model.llm
     prototypes = llm.word_embeddings().detach()  # (K, d)
     num_prototypes = prototypes.shape[0]
-    marginal = connector.prior if getattr(cfg, "prior", None) == "frequency" else None
     params = [p for p in connector.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
 
@@ -76,8 +74,7 @@ def assignment_diagnostics(
         text_features = llm.text_features(batch_texts)  # (B, d)
 
         with torch.no_grad():
-            q_t = sinkhorn(prototype_scores(text_features, prototypes), eps=cfg.eps,
-                           iterations=cfg.sinkhorn_iterations, prototype_marginal=marginal)  # (B, K)
+            q_t = connector.assign(prototype_scores(text_features, prototypes))  # (B, K), as in training
             entropies.append(float(-(q_t * q_t.clamp_min(1e-30).log()).sum(-1).mean()))
             token_ids = [sorted(set(llm.tokenizer(" " + t, add_special_tokens=False)["input_ids"])) for t in batch_texts]
             for b in range(batch_size):
@@ -85,10 +82,9 @@ def assignment_diagnostics(
                 other_mass.append(float(q_t[b, token_ids[(b + 1) % batch_size]].sum()))
 
         weighted_map = connector.auxiliary_loss(embeds, text_features, prototypes)["weighted"]
-        g_map = _flat_grad(weighted_map, params)
+        g_map = _flat_grad(weighted_map, params, retain_graph=with_caption_loss)  # embeds reused below
         map_grads.append(g_map)
         if with_caption_loss:
-            embeds = model.image_embeds(features[idx].float())  # fresh graph: autograd.grad freed the first
             lm_batch = llm.build_batch([model.caption_prompt] * batch_size, embeds.shape[1], batch_texts)
             g_cap = _flat_grad(llm.caption_loss(lm_batch.to(llm.device), embeds), params)
             cap_grads.append(g_cap)
@@ -165,14 +161,14 @@ def diagnose_main(argv: list[str] | None = None) -> dict:
     encoder, llm = load_components(cfg.model)
     source = ImageSource(cfg.data)
     features = source_features(source, encoder, encoder_meta(cfg.model), cfg.data.feature_cache)
-    texts = [source.caption(i) for i in range(len(source))]
-    model = build_model(cfg, encoder, llm, [t for t in texts if t])
+    keep = [i for i in range(len(source)) if source.caption(i)]
+    texts = [source.caption(i) for i in keep]
+    model = build_model(cfg, encoder, llm, texts)
     if args.connector:
         trained, _ = load_connector(args.connector)
         model.connector.load_state_dict(trained.state_dict())
-    keep = [i for i, t in enumerate(texts) if t]
     result = assignment_diagnostics(
-        model, features[keep], [texts[i] for i in keep], batch_size=args.batch_size or cfg.train.batch_size,
+        model, features[keep], texts, batch_size=args.batch_size or cfg.train.batch_size,
         batches=args.batches, with_caption_loss=not args.no_caption_loss, seed=cfg.train.seed,
     )
     result["connector"] = args.connector or "init"
