@@ -344,3 +344,18 @@ def test_recall_at_k_rejects_bad_inputs():
         recall_at_k(sim, torch.tensor([0, 1, 2, 2]), ks=(0,))
     with pytest.raises(ValueError, match="NaN"):
         recall_at_k(torch.full((3, 4), float("nan")), torch.tensor([0, 1, 2, 2]))
+
+
+def test_eval_table_names_each_connector_by_its_run():
+    from mmkit.eval.vlm import connector_label, table
+
+    assert connector_label("outputs/caption-vlap-s1/final") == "caption-vlap-s1/final"
+    assert connector_label("outputs/run/step-000400") == "run/step-000400"
+    assert connector_label("outputs/caption-vlap-s1-400-final") == "caption-vlap-s1-400-final"
+    assert connector_label("final") == "final"
+    rows = table([
+        {"kind": "vlap", "connector": "outputs/a/final", "caption": {"CIDEr": 1.5, "attribute_accuracy": 0.25}},
+        {"kind": "linear", "connector": "outputs/a-400", "vqa": {"overall": 0.125}},
+    ]).splitlines()
+    assert rows[2].startswith("| vlap (a/final) | 1.500 | - | 25.0 | - |")
+    assert rows[3].startswith("| linear (a-400) | - | - | - | 12.5 |")

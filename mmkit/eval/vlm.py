@@ -138,6 +138,14 @@ def evaluate_connector(
     return results
 
 
+def connector_label(path: str | Path) -> str:
+    """How a connector folder is named in tables: ``run/final`` or ``run/step-000400``, else the folder's own name."""
+    path = Path(path)
+    if path.name == "final" or path.name.startswith("step-"):
+        return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    return path.name or str(path)
+
+
 def table(results: Sequence[dict]) -> str:
     """A markdown table comparing connectors (one row each)."""
     head = ["connector", "CIDEr", "BLEU-4", "attribute acc", "VQA acc", "R@1 i2t (cos)", "R@1 t2i (cos)",
@@ -150,7 +158,7 @@ def table(results: Sequence[dict]) -> str:
             return "-" if x is None else f"{x * scale:.3f}" if scale == 1.0 else f"{x * scale:.1f}"
 
         rows.append("| " + " | ".join([
-            f"{r['kind']} ({Path(r['connector']).parent.name or r['connector']})",
+            f"{r['kind']} ({connector_label(r['connector'])})",
             fmt(cap.get("CIDEr")), fmt(cap.get("BLEU-4")), fmt(cap.get("attribute_accuracy"), 100),
             fmt(vqa.get("overall"), 100), fmt(ret.get("cosine", {}).get("i2t_R@1"), 100),
             fmt(ret.get("cosine", {}).get("t2i_R@1"), 100), fmt(ret.get("assignment", {}).get("i2t_R@1"), 100),
