@@ -141,3 +141,12 @@ def test_text_feature_memo_runs_only_new_texts(lm):
     assert memo.text_features([]).shape == (0, lm.hidden_size)
     with pytest.raises(ValueError, match="text_feature_memo"):
         FrozenLM(lm.model, lm.tokenizer, text_feature_memo=-1)
+
+
+def test_caption_token_ids_match_what_text_features_encodes(lm):
+    ids = lm.caption_token_ids("  a red circle\n")
+    assert ids == lm.tokenizer(" a red circle", add_special_tokens=False)["input_ids"]
+    # text_features of the unstripped caption equals the mean hidden state of exactly those ids
+    plain = FrozenLM(lm.model, lm.tokenizer, text_feature_memo=0)
+    hidden = lm.model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state.mean(1)
+    torch.testing.assert_close(plain.text_features(["  a red circle\n"]), hidden)

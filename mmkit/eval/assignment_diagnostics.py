@@ -2,9 +2,9 @@
 
 VLAP (METHODS.md s1) trains the connector with ``map_weight * L_map + L_cap``, where L_map asks the visual
 codes to predict the Sinkhorn assignment of the caption's codes. Whether that helps depends on the targets
-carrying per-sample information; on ShapesWorld + SmolLM2 they barely do, and the gradient of L_map is then
-nearly the same vector every batch (mostly the push to flatten the visual code distribution). This module
-measures both, for any model and data, before or after training:
+carrying per-sample information; on ShapesWorld + SmolLM2 they barely do, and the gradient of L_map is
+nearly the same vector every batch (README, "Measured"). This module measures both, for any model and data,
+before or after training:
 
 - ``target_entropy``: mean entropy (nats) of the text-side assignments q_t, next to ``log K``;
 - ``own_caption_mass`` / ``other_caption_mass``: mass q_t puts on the (distinct) tokens of the sample's
@@ -76,7 +76,7 @@ def assignment_diagnostics(
         with torch.no_grad():
             q_t = connector.assign(prototype_scores(text_features, prototypes))  # (B, K), as in training
             entropies.append(float(-(q_t * q_t.clamp_min(1e-30).log()).sum(-1).mean()))
-            token_ids = [sorted(set(llm.tokenizer(" " + t, add_special_tokens=False)["input_ids"])) for t in batch_texts]
+            token_ids = [sorted(set(llm.caption_token_ids(t))) for t in batch_texts]
             for b in range(batch_size):
                 own_mass.append(float(q_t[b, token_ids[b]].sum()))
                 other_mass.append(float(q_t[b, token_ids[(b + 1) % batch_size]].sum()))
@@ -161,8 +161,8 @@ def diagnose_main(argv: list[str] | None = None) -> dict:
     encoder, llm = load_components(cfg.model)
     source = ImageSource(cfg.data)
     features = source_features(source, encoder, encoder_meta(cfg.model), cfg.data.feature_cache)
-    keep = [i for i in range(len(source)) if source.caption(i)]
-    texts = [source.caption(i) for i in keep]
+    captioned = [(i, text) for i in range(len(source)) if (text := source.caption(i))]
+    keep, texts = [i for i, _ in captioned], [text for _, text in captioned]
     model = build_model(cfg, encoder, llm, texts)
     if args.connector:
         trained, _ = load_connector(args.connector)

@@ -116,6 +116,10 @@ class FrozenLM(nn.Module):
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def caption_token_ids(self, text: str) -> list[int]:
+        """Token ids of a caption on its own, as ``text_features`` encodes it (stripped, one leading space)."""
+        return self._encode_text(" " + text.strip())
+
     def prompt_ids(self, prompt: str, num_image_tokens: int, num_images: int = 1) -> tuple[list[int], list[bool]]:
         """Token ids of one formatted prompt with each ``<image>`` expanded to ``num_image_tokens`` slots."""
         text = self.format_prompt(prompt)
@@ -238,7 +242,7 @@ class FrozenLM(nn.Module):
         return torch.stack(rows) if rows else torch.empty(0, self.hidden_size, device=self.device, dtype=dtype)
 
     def _compute_text_features(self, texts: Sequence[str]) -> Tensor:
-        rows = [self._encode_text(" " + t) for t in texts]
+        rows = [self.caption_token_ids(t) for t in texts]
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.long)

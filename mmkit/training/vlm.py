@@ -92,7 +92,7 @@ def build_model(cfg: VLMTrainConfig, encoder, llm, caption_texts: list[str]) -> 
         cfg.model.connector, vision_dim=encoder.dim, llm_dim=llm.hidden_size, **cfg.model.connector_options
     )
     if getattr(connector.config, "prior", None) == "frequency":
-        ids = [llm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in caption_texts]
+        ids = [llm.caption_token_ids(t) for t in caption_texts]
         connector.set_prior(
             word_frequency_prior(ids, llm.vocab_size, temperature=connector.config.prior_temperature)
         )
