@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmkit.connectors import build_connector, load_connector
+from mmkit.connectors import build_connector, load_connector, load_weights_into
 from mmkit.losses import sinkhorn, swapped_prediction_loss, word_frequency_prior
 
 
@@ -93,3 +93,18 @@ def test_save_load_round_trip_and_errors(tmp_path):
     (tmp_path / "bad" / "connector.json").write_text(good_json)
     with pytest.raises(ValueError, match="does not fit"):
         load_connector(tmp_path / "bad")
+
+
+def test_load_weights_into_copies_matching_weights_and_names_what_does_not_fit(tmp_path):
+    saved = build_connector("vlap", vision_dim=6, llm_dim=4, prior="uniform")
+    saved.save(tmp_path / "vlap", metadata={"training": {"steps": 3}})
+    target = build_connector("vlap", vision_dim=6, llm_dim=4, prior="uniform")
+    assert not torch.equal(target.proj.weight, saved.proj.weight)
+    assert load_weights_into(target, tmp_path / "vlap") == {"training": {"steps": 3}}
+    x = torch.randn(2, 3, 6)
+    assert torch.equal(target(x), saved(x))
+    with pytest.raises(ValueError, match=r"vlap.* holds a 'vlap' connector; this model's connector is 'linear'"):
+        load_weights_into(build_connector("linear", vision_dim=6, llm_dim=4), tmp_path / "vlap")
+    wide = build_connector("vlap", vision_dim=7, llm_dim=4)
+    with pytest.raises(ValueError, match=r"does not fit this model's vlap connector.*\(4, 6\).*needs.*\(4, 7\)"):
+        load_weights_into(wide, tmp_path / "vlap")

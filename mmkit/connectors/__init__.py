@@ -6,6 +6,7 @@ from .base import (
     build_connector,
     connector_kinds,
     load_connector,
+    load_weights_into,
     register_connector,
 )
 from .linear import LinearConnector, LinearConnectorConfig
@@ -21,5 +22,6 @@ __all__ = [
     "build_connector",
     "connector_kinds",
     "load_connector",
+    "load_weights_into",
     "register_connector",
 ]

@@ -104,6 +104,26 @@ def load_connector(directory: str | os.PathLike) -> tuple[Connector, dict]:
     return connector, payload.get("metadata", {})
 
 
+def load_weights_into(connector: Connector, directory: str | os.PathLike) -> dict:
+    """Copy the weights saved in ``directory`` into an existing ``connector`` (resuming, diagnostics).
+
+    The saved connector must be of the same kind with tensors of the same shapes; otherwise one error names
+    the folder, what it holds and what the target connector expects. Returns the saved metadata.
+    """
+    loaded, metadata = load_connector(directory)
+    if loaded.kind != connector.kind:
+        raise ValueError(f"{directory} holds a {loaded.kind!r} connector; this model's connector is "
+                         f"{connector.kind!r} ({connector.config.to_dict()})")
+    expected = {k: tuple(v.shape) for k, v in connector.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
+    if expected != got:
+        raise ValueError(f"{directory} does not fit this model's {connector.kind} connector: the folder's config "
+                         f"{loaded.config.to_dict()} gives tensors {got}; the model's config "
+                         f"{connector.config.to_dict()} needs {expected}")
+    connector.load_state_dict(loaded.state_dict())
+    return metadata
+
+
 def build_connector(kind: str, **config) -> Connector:
     """A freshly initialised connector of ``kind`` ('linear', 'vlap', ...) from config keywords."""
     if kind not in _REGISTRY:

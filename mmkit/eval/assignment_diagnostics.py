@@ -139,7 +139,7 @@ def diagnose_main(argv: list[str] | None = None) -> dict:
     from pathlib import Path
 
     from ..config import atomic_write_text
-    from ..connectors import load_connector
+    from ..connectors import load_weights_into
     from ..training.config import load_config
     from ..training.vlm import VLMTrainConfig, build_model, encoder_meta, load_components, source_features
     from ..training.vlm_data import ImageSource
@@ -165,8 +165,7 @@ def diagnose_main(argv: list[str] | None = None) -> dict:
     keep, texts = [i for i, _ in captioned], [text for _, text in captioned]
     model = build_model(cfg, encoder, llm, texts)
     if args.connector:
-        trained, _ = load_connector(args.connector)
-        model.connector.load_state_dict(trained.state_dict())
+        load_weights_into(model.connector, args.connector)
     result = assignment_diagnostics(
         model, features[keep], texts, batch_size=args.batch_size or cfg.train.batch_size,
         batches=args.batches, with_caption_loss=not args.no_caption_loss, seed=cfg.train.seed,

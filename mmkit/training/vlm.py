@@ -146,10 +146,9 @@ def train_vlm(cfg: VLMTrainConfig, *, resume: bool = False, command: str | None 
         if ckpt is None:
             accelerator.print(f"--resume: no checkpoint in {out_dir}; starting from scratch")
         else:
-            from ..connectors import load_connector
+            from ..connectors import load_weights_into
 
-            loaded, _ = load_connector(ckpt)
-            accelerator.unwrap_model(model.connector).load_state_dict(loaded.state_dict())
+            load_weights_into(accelerator.unwrap_model(model.connector), ckpt)
             step = load_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)["step"]
             accelerator.print(f"resumed from {ckpt} at step {step}")
 
