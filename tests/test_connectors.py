@@ -108,3 +108,14 @@ def test_load_weights_into_copies_matching_weights_and_names_what_does_not_fit(t
     wide = build_connector("vlap", vision_dim=7, llm_dim=4)
     with pytest.raises(ValueError, match=r"does not fit this model's vlap connector.*\(4, 6\).*needs.*\(4, 7\)"):
         load_weights_into(wide, tmp_path / "vlap")
+
+
+def test_linear_and_vlap_start_from_the_same_weights_for_the_same_seed():
+    """The README's VLAP-vs-linear runs are paired: same seed -> same initial map, so only L_map differs."""
+    built = {}
+    for kind in ("linear", "vlap"):
+        torch.manual_seed(7)
+        built[kind] = build_connector(kind, vision_dim=6, llm_dim=4)
+    assert built["linear"].state_dict().keys() == built["vlap"].state_dict().keys()
+    for name, tensor in built["linear"].state_dict().items():
+        assert torch.equal(tensor, built["vlap"].state_dict()[name])
