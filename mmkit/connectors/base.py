@@ -95,8 +95,7 @@ def load_connector(directory: str | os.PathLike) -> tuple[Connector, dict]:
     if not weights.is_file():
         raise FileNotFoundError(f"connector weights missing: {weights}")
     state = load_file(str(weights))
-    expected = {k: tuple(v.shape) for k, v in connector.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
+    expected, got = _shapes(connector.state_dict()), _shapes(state)
     if expected != got:
         raise ValueError(f"{weights} does not fit a {cls.kind} connector with {payload['config']}: "
                          f"expected tensors {expected}, file has {got}")
@@ -114,14 +113,18 @@ def load_weights_into(connector: Connector, directory: str | os.PathLike) -> dic
     if loaded.kind != connector.kind:
         raise ValueError(f"{directory} holds a {loaded.kind!r} connector; this model's connector is "
                          f"{connector.kind!r} ({connector.config.to_dict()})")
-    expected = {k: tuple(v.shape) for k, v in connector.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
+    state = loaded.state_dict()
+    expected, got = _shapes(connector.state_dict()), _shapes(state)
     if expected != got:
         raise ValueError(f"{directory} does not fit this model's {connector.kind} connector: the folder's config "
                          f"{loaded.config.to_dict()} gives tensors {got}; the model's config "
                          f"{connector.config.to_dict()} needs {expected}")
-    connector.load_state_dict(loaded.state_dict())
+    connector.load_state_dict(state)
     return metadata
+
+
+def _shapes(state: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def build_connector(kind: str, **config) -> Connector:
