@@ -8,7 +8,7 @@ import torch
 from mmkit.connectors import build_connector
 from mmkit.eval.assignment_diagnostics import assignment_diagnostics, format_diagnostics
 from mmkit.llm import FrozenLM
-from mmkit.losses import prototype_scores, sinkhorn, word_frequency_prior
+from mmkit.losses import prior_weighted_assignment, prototype_scores, sinkhorn, word_frequency_prior
 from mmkit.models import VisionLanguageModel
 from mmkit.testing import tiny_llama, tiny_tokenizer
 
@@ -23,33 +23,42 @@ def llm(tmp_path_factory):
     return FrozenLM.from_pretrained(root)
 
 
-def make(llm, kind="vlap"):
-    connector = build_connector(kind, vision_dim=10, llm_dim=llm.hidden_size)
+def make(llm, kind="vlap", **options):
+    connector = build_connector(kind, vision_dim=10, llm_dim=llm.hidden_size, **options)
     if kind == "vlap":
         ids = [llm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in CAPTIONS]
         connector.set_prior(word_frequency_prior(ids, llm.vocab_size))
     return VisionLanguageModel(None, connector, llm, caption_prompt="<image> caption :")
 
 
-def test_full_batch_numbers_match_direct_computation(llm):
-    model = make(llm)
+@pytest.mark.parametrize("assignment", ["prior_weighted", "balanced"])
+def test_full_batch_numbers_match_direct_computation(llm, assignment):
+    model = make(llm, assignment=assignment)
     features = torch.randn(6, 3, 10)
     d = assignment_diagnostics(model, features, CAPTIONS, batch_size=6, batches=3)
-    # Every batch is the whole set in some order: Sinkhorn and the batch-mean loss are permutation
+    # Every batch is the whole set in some order: both readings and the batch-mean loss are permutation
     # equivariant, so the L_map gradient is the same vector each time.
     assert d["map_gradient_consistency"] == pytest.approx(1.0, abs=1e-5)
     prototypes = llm.word_embeddings().detach()
-    q = sinkhorn(prototype_scores(llm.text_features(CAPTIONS), prototypes), eps=0.01, iterations=3,
-                 prototype_marginal=model.connector.prior)
-    assert d["target_entropy"] == pytest.approx(float(-(q * q.clamp_min(1e-30).log()).sum(-1).mean()), rel=1e-5)
-    assert d["max_entropy"] == pytest.approx(math.log(llm.vocab_size))
+    code_t = prototype_scores(llm.text_features(CAPTIONS), prototypes)
+    kw = dict(eps=0.01, iterations=3, prototype_marginal=model.connector.prior)
+    direct = {"balanced": sinkhorn(code_t, **kw), "prior_weighted": prior_weighted_assignment(code_t, **kw)}
     ids = [sorted(set(llm.tokenizer(" " + t, add_special_tokens=False)["input_ids"])) for t in CAPTIONS]
-    own = sum(float(q[b, ids[b]].sum()) for b in range(6)) / 6  # the batch order does not change the mean
-    assert d["own_caption_mass"] == pytest.approx(own, rel=1e-5)
-    assert 0 <= d["other_caption_mass"] <= 1
+    assert d["assignment"] == assignment and set(d["readings"]) == set(direct)
+    for reading, q in direct.items():
+        r = d["readings"][reading]
+        assert r["target_entropy"] == pytest.approx(float(-(q * q.clamp_min(1e-30).log()).sum(-1).mean()), rel=1e-5)
+        own = sum(float(q[b, ids[b]].sum()) for b in range(6)) / 6  # the batch order does not change the mean
+        assert r["own_caption_mass"] == pytest.approx(own, rel=1e-5)
+        assert 0 <= r["other_caption_mass"] <= 1
+    assert d["target_entropy"] == d["readings"][assignment]["target_entropy"]  # the connector's own reading
+    tv = float(0.5 * (direct["balanced"] - direct["prior_weighted"]).abs().sum(-1).mean())
+    assert d["readings_total_variation"] == pytest.approx(tv, rel=1e-5)
+    assert d["max_entropy"] == pytest.approx(math.log(llm.vocab_size))
     assert d["map_to_caption_gradient_norm"] > 0 and -1 <= d["map_caption_gradient_cosine"] <= 1
     assert d["caption_gradient_consistency"] == pytest.approx(1.0, abs=1e-5)  # same batch, same gradient
-    assert "consistency" in format_diagnostics(d)
+    text = format_diagnostics(d)
+    assert "consistency" in text and f"{assignment} (this connector's)" in text and "total variation" in text
 
 
 def test_sub_batches_give_batch_specific_gradients(llm):

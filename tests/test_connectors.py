@@ -79,7 +79,7 @@ def test_save_load_round_trip_and_errors(tmp_path):
         assert type(back) is type(c) and meta == {"llm": {"name": "x"}}
         x = torch.randn(2, 3, 6)
         assert torch.equal(back(x), c(x))
-        assert set(back.state_dict()) == {"proj.weight", "proj.bias"}  # no wrapper prefixes
+        assert set(back.state_dict()) - {"prior"} == {"proj.weight", "proj.bias"}  # no wrapper prefixes
     with pytest.raises(ValueError, match="unknown connector kind 'mlp'"):
         build_connector("mlp", vision_dim=1, llm_dim=1)
     with pytest.raises(ValueError, match="unknown key 'tua'; did you mean 'tau'"):
@@ -116,6 +116,120 @@ def test_linear_and_vlap_start_from_the_same_weights_for_the_same_seed():
     for kind in ("linear", "vlap"):
         torch.manual_seed(7)
         built[kind] = build_connector(kind, vision_dim=6, llm_dim=4)
-    assert built["linear"].state_dict().keys() == built["vlap"].state_dict().keys()
-    for name, tensor in built["linear"].state_dict().items():
-        assert torch.equal(tensor, built["vlap"].state_dict()[name])
+    linear, vlap = dict(built["linear"].named_parameters()), dict(built["vlap"].named_parameters())
+    assert linear.keys() == vlap.keys()
+    for name, tensor in linear.items():
+        assert torch.equal(tensor, vlap[name])
+
+
+# ---------------------------------------------------------------- VLAP's two readings of the assignment step
+def shapesworld_prior(extra_prototypes: int = 40):
+    """A real word-frequency prior: ShapesWorld captions, one prototype per word plus words no caption uses."""
+    from mmkit.data.shapes import sample_scene
+    from mmkit.data.shapes_language import caption, tokenize, vocabulary
+
+    words = vocabulary()
+    index = {w: i for i, w in enumerate(words)}
+    ids = [[index[w] for w in tokenize(caption(sample_scene(seed)))] for seed in range(200)]
+    return word_frequency_prior(ids, len(words) + extra_prototypes)
+
+
+def official_single_vector_sinkhorn(scores, eps, iters, prior):
+    """park-jungin/vlap train.py, distributed_sinkhorn's (B, K) branch, in float64 on one process."""
+    Q = torch.exp(scores.double() / eps).t()  # (K, B); float64 holds exp(1 / 0.01)
+    B = Q.shape[1]
+    p = prior.double().unsqueeze(1)
+    for _ in range(iters):
+        Q *= p
+        Q /= Q.sum(0, keepdim=True)
+        Q /= B
+    return (Q * B).t()
+
+
+@pytest.mark.parametrize("with_prior", [True, False])
+def test_prior_weighted_reading_is_the_official_code_and_its_closed_form(with_prior):
+    from mmkit.losses import prior_weighted_assignment
+
+    prior = shapesworld_prior()
+    K = prior.numel()
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(9, K, generator=g, dtype=torch.float64) * 2 - 1  # random cosine codes
+    uniform = torch.full((K,), 1.0 / K, dtype=torch.float64)
+    for eps, iters in ((0.5, 3), (0.05, 1), (0.02, 5)):
+        ours = prior_weighted_assignment(scores, eps=eps, iterations=iters,
+                                         prototype_marginal=prior if with_prior else None)
+        official = official_single_vector_sinkhorn(scores, eps, iters, prior if with_prior else uniform)
+        assert torch.allclose(ours, official, atol=1e-12, rtol=1e-9)
+        # closed form, independently: each row's softmax(s / eps + iters * log p), normalised by hand
+        logits = scores / eps + (iters * prior.double().log() if with_prior else 0.0)
+        w = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+        assert torch.allclose(ours, w / w.sum(1, keepdim=True), atol=1e-12, rtol=1e-9)
+    # per-sample: a row's target does not depend on the other rows of the batch
+    alone = prior_weighted_assignment(scores[:1], eps=0.05, iterations=3, prototype_marginal=prior)
+    together = prior_weighted_assignment(scores, eps=0.05, iterations=3, prototype_marginal=prior)
+    assert torch.allclose(alone[0], together[0], atol=1e-14)
+    # eps = 0.01 over a big vocabulary: the log domain cannot overflow (the official code's exp would)
+    big = prior_weighted_assignment(torch.rand(4, 49152) * 2 - 1, eps=0.01, iterations=3)
+    assert torch.isfinite(big).all() and torch.allclose(big.sum(1), torch.ones(4), atol=1e-4)
+    with pytest.raises(ValueError, match="iterations must be >= 1"):
+        prior_weighted_assignment(scores, iterations=0)
+
+
+@pytest.mark.parametrize("assignment", ["prior_weighted", "balanced"])
+@pytest.mark.parametrize("prior", ["frequency", "uniform"])
+def test_vlap_connector_assigns_by_its_configured_reading(assignment, prior):
+    freq = shapesworld_prior()
+    K = freq.numel()
+    c = build_connector("vlap", vision_dim=6, llm_dim=5, prior=prior, assignment=assignment)
+    if prior == "frequency":
+        c.set_prior(freq)
+    codes = torch.rand(7, K, dtype=torch.float64) * 2 - 1
+    r = freq if prior == "frequency" else torch.full((K,), 1.0 / K)
+    reference = reference_sinkhorn if assignment == "balanced" else official_single_vector_sinkhorn
+    expected = reference(codes, 0.01, 3, r)  # float64: exp(1 / 0.01) does not overflow
+    assert torch.allclose(c.assign(codes), expected, atol=1e-10, rtol=1e-8)
+
+
+def test_the_two_readings_differ_and_the_default_is_the_official_one():
+    assert build_connector("vlap", vision_dim=2, llm_dim=2).config.assignment == "prior_weighted"
+    with pytest.raises(ValueError, match=r"assignment must be one of \('prior_weighted', 'balanced'\)"):
+        build_connector("vlap", vision_dim=2, llm_dim=2, assignment="sinkhorn")
+    prior = shapesworld_prior()
+    codes = torch.rand(8, prior.numel()) * 0.2 + 0.4  # similar codes, as mean-pooled caption states are
+    kw = dict(eps=0.01, iterations=3, prototype_marginal=prior)
+    from mmkit.losses import prior_weighted_assignment
+
+    sharp, flat = prior_weighted_assignment(codes, **kw), sinkhorn(codes, **kw)
+    entropy = lambda q: float(-(q * q.clamp_min(1e-30).log()).sum(-1).mean())  # noqa: E731
+    assert entropy(sharp) < entropy(flat)
+
+
+def test_prior_is_saved_with_the_weights_and_old_folders_load_as_balanced(tmp_path):
+    import json
+
+    prior = shapesworld_prior()
+    c = build_connector("vlap", vision_dim=6, llm_dim=4)
+    c.set_prior(prior)
+    c.save(tmp_path / "new")
+    back, _ = load_connector(tmp_path / "new")
+    assert back.config.assignment == "prior_weighted" and torch.equal(back.prior, prior)
+    codes = torch.rand(3, prior.numel())
+    assert torch.equal(back.assign(codes), c.assign(codes))
+    # a folder written before the prior and the switch existed: weights only, no 'assignment' key
+    from safetensors.torch import save_file
+
+    (tmp_path / "old").mkdir()
+    save_file({k: v for k, v in c.state_dict().items() if k != "prior"}, str(tmp_path / "old" / "connector.safetensors"))
+    payload = json.loads((tmp_path / "new" / "connector.json").read_text())
+    del payload["config"]["assignment"]
+    (tmp_path / "old" / "connector.json").write_text(json.dumps(payload))
+    old, _ = load_connector(tmp_path / "old")
+    assert old.config.assignment == "balanced" and old.prior_missing
+    assert torch.equal(old.proj.weight, c.proj.weight)
+    with pytest.raises(ValueError, match="set_prior"):
+        old.assign(codes)
+    # resuming into a connector whose prior is already set keeps it when the folder has none
+    target = build_connector("vlap", vision_dim=6, llm_dim=4, assignment="balanced")
+    target.set_prior(prior)
+    load_weights_into(target, tmp_path / "old")
+    assert torch.equal(target.prior, prior) and torch.equal(target.proj.weight, c.proj.weight)

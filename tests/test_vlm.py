@@ -89,5 +89,37 @@ def test_answer_and_retrieval(parts):
         assert sim.shape == (3, 2) and torch.isfinite(sim).all()
     with pytest.raises(ValueError, match="method"):
         model.retrieval_similarity(feats, ["x"], method="dot")
+    with pytest.raises(ValueError, match="method='assignment' needs a connector with assignment targets"):
+        make_model(parts, "linear").retrieval_similarity(feats, ["x"], method="assignment")
     with pytest.raises(ValueError, match="3 images for 2 prompts"):
         model.generate(["<image> caption :"] * 2, features=feats)
+
+
+@pytest.mark.parametrize("assignment", ["prior_weighted", "balanced"])
+def test_retrieval_through_the_assignments_uses_the_training_reading(parts, assignment):
+    """score(i, t) = minus L_map of the pair, with the targets the connector trains on (chunked like batches)."""
+    import torch.nn.functional as F
+
+    from mmkit.losses import prior_weighted_assignment, prototype_scores, sinkhorn
+
+    model = make_model(parts)
+    model.connector.config.assignment = assignment
+    feats = model.image_features(images(4))
+    texts = ["a red circle", "a blue star", "a green square", "two"]
+    sim = model.retrieval_similarity(feats, texts, method="assignment", batch_size=2)
+    protos = model.llm.word_embeddings()
+    code_v = prototype_scores(model.image_embeds(feats).mean(1), protos).double()
+    code_t = prototype_scores(model.llm.text_features(texts), protos).double()
+    reading = {"balanced": sinkhorn, "prior_weighted": prior_weighted_assignment}[assignment]
+    prior = model.connector.prior
+
+    def targets(codes):  # chunks of 2 = the transport's batch
+        return torch.cat([reading(codes[i : i + 2], eps=0.01, iterations=3, prototype_marginal=prior) for i in (0, 2)])
+
+    expected = torch.empty(4, 4, dtype=torch.float64)
+    q_v, q_t = targets(code_v), targets(code_t)
+    for i in range(4):
+        for t in range(4):
+            expected[i, t] = -0.5 * (-(q_t[t] * F.log_softmax(code_v[i] / 0.01, -1)).sum()
+                                     - (q_v[i] * F.log_softmax(code_t[t] / 0.01, -1)).sum())
+    assert torch.allclose(sim.double(), expected, rtol=1e-4, atol=1e-3)

@@ -43,6 +43,9 @@ class Connector(nn.Module):
     kind: ClassVar[str] = ""
     config_class: ClassVar[type[ConnectorConfig]] = ConnectorConfig
     needs_text_features: ClassVar[bool] = False
+    # Buffers computed from the training data rather than fixed by the config (VLAP's word-frequency prior):
+    # saved with the weights, sized by the file when loaded, and allowed to be absent from older files.
+    data_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__()
@@ -55,6 +58,12 @@ class Connector(nn.Module):
 
     def auxiliary_loss(self, image_embeds: Tensor, text_features: Tensor, prototypes: Tensor) -> dict[str, Tensor]:
         return {}
+
+    @classmethod
+    def upgrade_saved_config(cls, config: dict) -> dict:
+        """The config dict of a saved ``connector.json``, brought up to date (fields added since keep the
+        behaviour the file was trained with); called by :func:`load_connector`."""
+        return config
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike, *, metadata: dict | None = None) -> Path:
@@ -90,16 +99,16 @@ def load_connector(directory: str | os.PathLike) -> tuple[Connector, dict]:
 
     payload = read_connector_json(directory)
     cls = _REGISTRY[payload["kind"]]
-    connector = cls(cls.config_class.from_dict(payload["config"]))
+    connector = cls(cls.config_class.from_dict(cls.upgrade_saved_config(payload["config"])))
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"connector weights missing: {weights}")
     state = load_file(str(weights))
-    expected, got = _shapes(connector.state_dict()), _shapes(state)
+    expected, got = _shapes(connector.state_dict(), cls.data_buffers), _shapes(state, cls.data_buffers)
     if expected != got:
         raise ValueError(f"{weights} does not fit a {cls.kind} connector with {payload['config']}: "
                          f"expected tensors {expected}, file has {got}")
-    connector.load_state_dict(state)
+    connector.load_state_dict(state, strict=False)  # keys and shapes checked above; data buffers may be absent
     return connector, payload.get("metadata", {})
 
 
@@ -113,18 +122,19 @@ def load_weights_into(connector: Connector, directory: str | os.PathLike) -> dic
     if loaded.kind != connector.kind:
         raise ValueError(f"{directory} holds a {loaded.kind!r} connector; this model's connector is "
                          f"{connector.kind!r} ({connector.config.to_dict()})")
-    state = loaded.state_dict()
-    expected, got = _shapes(connector.state_dict()), _shapes(state)
+    skip = connector.data_buffers
+    state = {k: v for k, v in loaded.state_dict().items() if not (k in skip and v.numel() == 0)}  # absent in file
+    expected, got = _shapes(connector.state_dict(), skip), _shapes(state, skip)
     if expected != got:
         raise ValueError(f"{directory} does not fit this model's {connector.kind} connector: the folder's config "
                          f"{loaded.config.to_dict()} gives tensors {got}; the model's config "
                          f"{connector.config.to_dict()} needs {expected}")
-    connector.load_state_dict(state)
+    connector.load_state_dict(state, strict=False)  # keys and shapes checked above
     return metadata
 
 
-def _shapes(state: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items()}
+def _shapes(state: dict[str, Tensor], skip: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items() if k not in skip}
 
 
 def build_connector(kind: str, **config) -> Connector:

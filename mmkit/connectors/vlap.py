@@ -3,6 +3,16 @@
 The visual tokens and the caption are both assigned to the frozen LLM's *word embeddings* (all of them,
 L2-normalised, as prototypes) by Sinkhorn-Knopp; each modality then predicts the other's assignment
 (swapped prediction). Total loss ``map_weight * L_map + L_cap`` (0.1 in the paper). See METHODS.md s1.
+
+Two readings of the assignment step (``VLAPConfig.assignment``), with codes ``s`` (B, K), ``eps`` and
+``n = sinkhorn_iterations``, prior ``p`` (the word-frequency marginal, or uniform):
+
+- ``"prior_weighted"`` (default): what the official code (park-jungin/vlap ``train.py``) runs, since its
+  ``forward`` fixes ``Ns = 1`` and ``distributed_sinkhorn`` takes its (B, K) branch. Each sample on its own:
+  ``q[b] = softmax(s[b] / eps + n * log p)``; no mass is shared across the batch.
+- ``"balanced"``: the paper's "word-frequency-aware transportation polytope", textbook Sinkhorn-Knopp:
+  ``Q = diag(u) exp(s^T / eps) diag(w)`` with prototype rows projected to ``p`` and sample columns to
+  ``1/B`` in turn, ``n`` times (``mmkit.losses.sinkhorn``), so each prototype's mass is split over the batch.
 """
 
 from __future__ import annotations
@@ -12,10 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..losses.assignment import prototype_scores, sinkhorn, swapped_prediction_loss
+from ..losses.assignment import prior_weighted_assignment, prototype_scores, sinkhorn, swapped_prediction_loss
 from .base import Connector, ConnectorConfig, register_connector
 
 PRIORS = ("frequency", "uniform")
+# assignment reading -> function(scores (B, K), eps=, iterations=, prototype_marginal=) -> (B, K)
+ASSIGNMENTS = {"prior_weighted": prior_weighted_assignment, "balanced": sinkhorn}
 
 
 @dataclass
@@ -27,6 +39,7 @@ class VLAPConfig(ConnectorConfig):
     tau: float = 0.01
     prior: str = "frequency"
     prior_temperature: float = 0.25
+    assignment: str = "prior_weighted"
 
 
 @register_connector
@@ -34,14 +47,21 @@ class VLAPConnector(Connector):
     kind = "vlap"
     config_class = VLAPConfig
     needs_text_features = True
+    data_buffers = ("prior",)
+    readings = tuple(ASSIGNMENTS)  # the readings of the assignment step ``assign(reading=...)`` accepts
 
     def __init__(self, config: VLAPConfig) -> None:
         super().__init__(config)
         if config.prior not in PRIORS:
             raise ValueError(f"VLAPConfig.prior must be one of {PRIORS}, got {config.prior!r}")
+        if config.assignment not in ASSIGNMENTS:
+            raise ValueError(f"VLAPConfig.assignment must be one of {tuple(ASSIGNMENTS)}, got {config.assignment!r}")
+        if config.sinkhorn_iterations < 1:
+            raise ValueError(f"VLAPConfig.sinkhorn_iterations must be >= 1, got {config.sinkhorn_iterations}")
         self.proj = nn.Linear(config.vision_dim, config.llm_dim, bias=config.bias)
-        # Prototype marginal for Sinkhorn (word-frequency prior); set from the training captions.
-        self.register_buffer("prior", torch.empty(0), persistent=False)
+        # Prototype marginal (V,) (word-frequency prior), set from the training captions and saved with the
+        # weights so that evaluation assigns as training did; empty until set_prior() or a load.
+        self.register_buffer("prior", torch.empty(0))
 
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, N, vision_dim) -> (B, N, llm_dim)."""
@@ -51,24 +71,49 @@ class VLAPConnector(Connector):
         """Install the (V,) word-frequency marginal (see ``mmkit.losses.word_frequency_prior``)."""
         self.prior = torch.empty(0) if prior is None else prior.detach().float()
 
+    @property
+    def prior_missing(self) -> bool:
+        """True when the config asks for the word-frequency prior and none is set (or was saved)."""
+        return self.config.prior == "frequency" and self.prior.numel() == 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        saved = state_dict.get(prefix + "prior")
+        if saved is not None:  # the prior's size comes from the file (the LLM's vocabulary)
+            self.prior = torch.empty_like(saved, device=self.prior.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def codes(self, image_embeds: Tensor, text_features: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
         """Assignment logits (B, V) of the mean visual embedding and of the text representation."""
         code_v = prototype_scores(image_embeds.mean(dim=1), prototypes)
         code_t = prototype_scores(text_features, prototypes)
         return code_v, code_t
 
-    def assign(self, codes: Tensor) -> Tensor:
-        """Sinkhorn assignment (B, V) of (B, V) codes under the configured prototype marginal (no grad)."""
+    def assign(self, codes: Tensor, *, reading: str | None = None) -> Tensor:
+        """Assignment targets (B, V) of (B, V) codes under the configured reading and prior (no grad).
+
+        ``reading`` overrides ``config.assignment`` (diagnostics compare both). ``"balanced"`` couples the
+        samples of ``codes`` (the transport is over this batch); ``"prior_weighted"`` treats each row on its own.
+        """
         cfg = self.config
+        reading = cfg.assignment if reading is None else reading
+        if reading not in ASSIGNMENTS:
+            raise ValueError(f"reading must be one of {tuple(ASSIGNMENTS)}, got {reading!r}")
         marginal = None
         if cfg.prior == "frequency":
-            if self.prior.numel() != codes.shape[1]:
+            if self.prior_missing or self.prior.numel() != codes.shape[1]:
                 raise ValueError(
                     f"VLAP prior='frequency' needs set_prior() with a ({codes.shape[1]},) word-frequency "
                     f"marginal from the training captions (got {tuple(self.prior.shape)}); or use prior='uniform'"
                 )
             marginal = self.prior.to(codes.device)
-        return sinkhorn(codes.detach(), eps=cfg.eps, iterations=cfg.sinkhorn_iterations, prototype_marginal=marginal)
+        return ASSIGNMENTS[reading](
+            codes.detach(), eps=cfg.eps, iterations=cfg.sinkhorn_iterations, prototype_marginal=marginal
+        )
+
+    @classmethod
+    def upgrade_saved_config(cls, config: dict) -> dict:
+        """Connectors saved before ``assignment`` existed were all trained with the balanced reading."""
+        return config if "assignment" in config else {**config, "assignment": "balanced"}
 
     def auxiliary_loss(self, image_embeds: Tensor, text_features: Tensor, prototypes: Tensor) -> dict[str, Tensor]:
         """{"map_loss": L_map, "weighted": map_weight * L_map}; image_embeds (B, N, d), text_features (B, d)."""

@@ -9,6 +9,10 @@ before or after training:
 - ``target_entropy``: mean entropy (nats) of the text-side assignments q_t, next to ``log K``;
 - ``own_caption_mass`` / ``other_caption_mass``: mass q_t puts on the (distinct) tokens of the sample's
   own caption vs on those of the next caption in the batch (equal = the targets do not tell captions apart);
+  these three for the connector's own reading of the assignment step (``assignment``), and under
+  ``readings`` for each reading VLAP offers (``prior_weighted``: the official code; ``balanced``: the
+  paper's transport polytope), with ``readings_total_variation``, the mean total-variation distance
+  between the two readings' q_t on the same captions;
 - ``map_gradient_consistency``: ``||mean_b g_b|| / mean_b ||g_b||`` over the batches' gradients of the
   weighted L_map on the connector; 1.0 = the same direction every batch, about ``1/sqrt(batches)`` =
   batch-specific, zero-mean signal (``independent_consistency``);
@@ -66,7 +70,11 @@ def assignment_diagnostics(
     params = [p for p in connector.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
 
-    entropies, own_mass, other_mass, map_grads, cap_grads, ratios, cosines = [], [], [], [], [], [], []
+    readings = list(getattr(connector, "readings", (connector.config.assignment,)))
+    own_reading = connector.config.assignment
+    stats = {r: {"entropy": [], "own": [], "other": []} for r in readings}
+    total_variation: list[float] = []
+    map_grads, cap_grads, ratios, cosines = [], [], [], []
     for _ in range(batches):
         idx = torch.randperm(len(texts), generator=generator)[:batch_size].tolist()
         batch_texts = [texts[i] for i in idx]
@@ -74,12 +82,19 @@ def assignment_diagnostics(
         text_features = llm.text_features(batch_texts)  # (B, d)
 
         with torch.no_grad():
-            q_t = connector.assign(prototype_scores(text_features, prototypes))  # (B, K), as in training
-            entropies.append(float(-(q_t * q_t.clamp_min(1e-30).log()).sum(-1).mean()))
+            code_t = prototype_scores(text_features, prototypes)  # (B, K)
             token_ids = [sorted(set(llm.caption_token_ids(t))) for t in batch_texts]
-            for b in range(batch_size):
-                own_mass.append(float(q_t[b, token_ids[b]].sum()))
-                other_mass.append(float(q_t[b, token_ids[(b + 1) % batch_size]].sum()))
+            targets = {}
+            for reading in readings:
+                q_t = targets[reading] = connector.assign(code_t, reading=reading)  # (B, K), as training would
+                st = stats[reading]
+                st["entropy"].append(float(-(q_t * q_t.clamp_min(1e-30).log()).sum(-1).mean()))
+                for b in range(batch_size):
+                    st["own"].append(float(q_t[b, token_ids[b]].sum()))
+                    st["other"].append(float(q_t[b, token_ids[(b + 1) % batch_size]].sum()))
+            if len(readings) == 2:
+                first, second = (targets[r] for r in readings)
+                total_variation.append(float(0.5 * (first - second).abs().sum(-1).mean()))
 
         weighted_map = connector.auxiliary_loss(embeds, text_features, prototypes)["weighted"]
         g_map = _flat_grad(weighted_map, params, retain_graph=with_caption_loss)  # embeds reused below
@@ -95,17 +110,24 @@ def assignment_diagnostics(
         g = torch.stack(grads)  # (batches, P)
         return float(g.mean(0).norm() / g.norm(dim=1).mean().clamp_min(1e-30))
 
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    per_reading = {r: {"target_entropy": mean(st["entropy"]), "own_caption_mass": mean(st["own"]),
+                       "other_caption_mass": mean(st["other"])} for r, st in stats.items()}
     out = {
         "batches": batches,
         "batch_size": batch_size,
         "prototypes": num_prototypes,
-        "target_entropy": sum(entropies) / len(entropies),
+        "assignment": own_reading,
+        **per_reading[own_reading],
         "max_entropy": math.log(num_prototypes),
-        "own_caption_mass": sum(own_mass) / len(own_mass),
-        "other_caption_mass": sum(other_mass) / len(other_mass),
+        "readings": per_reading,
         "map_gradient_consistency": consistency(map_grads),
         "independent_consistency": 1.0 / math.sqrt(batches),
     }
+    if total_variation:
+        out["readings_total_variation"] = mean(total_variation)
     if with_caption_loss:
         out["map_to_caption_gradient_norm"] = sum(ratios) / len(ratios)
         out["map_caption_gradient_cosine"] = sum(cosines) / len(cosines)
@@ -115,14 +137,20 @@ def assignment_diagnostics(
 
 def format_diagnostics(d: dict) -> str:
     """A few readable lines for the command line."""
-    lines = [
-        f"text-side assignment entropy  {d['target_entropy']:.2f} nats (uniform over {d['prototypes']} "
-        f"prototypes: {d['max_entropy']:.2f})",
-        f"q_t mass on own caption tokens {d['own_caption_mass']:.4f} vs another caption's "
-        f"{d['other_caption_mass']:.4f}",
+    lines = []
+    for reading, r in d.get("readings", {d.get("assignment", "?"): d}).items():
+        used = " (this connector's)" if reading == d.get("assignment") else ""
+        lines += [
+            f"{reading}{used}: text-side assignment entropy {r['target_entropy']:.2f} nats (uniform over "
+            f"{d['prototypes']} prototypes: {d['max_entropy']:.2f}); q_t mass on own caption tokens "
+            f"{r['own_caption_mass']:.4f} vs another caption's {r['other_caption_mass']:.4f}",
+        ]
+    if "readings_total_variation" in d:
+        lines.append(f"mean total variation between the two readings' q_t {d['readings_total_variation']:.3f}")
+    lines.append(
         f"L_map gradient consistency    {d['map_gradient_consistency']:.3f} over {d['batches']} batches "
-        f"(1 = same direction every batch; independent batches ~{d['independent_consistency']:.3f})",
-    ]
+        f"(1 = same direction every batch; independent batches ~{d['independent_consistency']:.3f})"
+    )
     if "map_to_caption_gradient_norm" in d:
         lines.append(
             f"|grad weighted L_map| / |grad L_cap| {d['map_to_caption_gradient_norm']:.4f}, "

@@ -124,9 +124,13 @@ def evaluate_connector(
         texts = [source.caption(i) for i in range(n)]
         owner = torch.arange(n)
         results["retrieval"] = {}
-        methods = ["cosine"] + (["assignment"] if model.connector.kind == "vlap" else [])
+        methods = ["cosine"] + (["assignment"] if hasattr(model.connector, "assign") else [])
         for method in methods:
-            sim = model.retrieval_similarity(features, texts, method=method)
+            if method == "assignment" and model.connector.prior_missing:
+                print(f"{connector_dir}: no word-frequency prior saved with this connector (saved before priors "
+                      "were stored), so retrieval through the assignments is skipped")
+                continue
+            sim = model.retrieval_similarity(features, texts, method=method, batch_size=batch_size)
             r = recall_at_k(sim, owner, ks=(1, 5))
             results["retrieval"][method] = {
                 "i2t_R@1": r["image_to_text"]["R@1"], "i2t_R@5": r["image_to_text"]["R@5"],

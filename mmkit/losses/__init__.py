@@ -1,5 +1,11 @@
 """Training objectives shared by connectors and heads."""
 
-from .assignment import prototype_scores, sinkhorn, swapped_prediction_loss, word_frequency_prior
+from .assignment import (
+    prior_weighted_assignment,
+    prototype_scores,
+    sinkhorn,
+    swapped_prediction_loss,
+    word_frequency_prior,
+)
 
-__all__ = ["prototype_scores", "sinkhorn", "swapped_prediction_loss", "word_frequency_prior"]
+__all__ = ["prior_weighted_assignment", "prototype_scores", "sinkhorn", "swapped_prediction_loss", "word_frequency_prior"]

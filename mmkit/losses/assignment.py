@@ -37,6 +37,32 @@ def sinkhorn(
     return (log_q - log_c).exp().t().to(scores.dtype)  # (B, K); columns of Q scaled to sum to 1
 
 
+@torch.no_grad()
+def prior_weighted_assignment(
+    scores: Tensor, *, eps: float = 0.01, iterations: int = 3, prototype_marginal: Tensor | None = None
+) -> Tensor:
+    """Per-sample assignment of B samples to K prototypes, each sample's scores tilted by the prior.
+
+    What VLAP's official ``distributed_sinkhorn`` computes on its (B, K) path: starting from
+    ``Q = exp(scores^T / eps)`` (K x B), each of the ``iterations`` rounds multiplies every prototype row by
+    its prior and renormalises every column; prototype rows are never normalised, so samples do not share
+    mass. The closed form, computed here in the log domain (no overflow at eps = 0.01)::
+
+        q[b] = softmax(scores[b] / eps + iterations * log prior)
+
+    With a uniform prior (``prototype_marginal=None``) this is ``softmax(scores[b] / eps)``. Returns (B, K).
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    K = scores.shape[1]
+    logits = scores.double() / eps  # (B, K)
+    if prototype_marginal is not None:
+        if prototype_marginal.shape != (K,):
+            raise ValueError(f"prototype_marginal must have shape ({K},), got {tuple(prototype_marginal.shape)}")
+        logits = logits + iterations * prototype_marginal.double().clamp_min(1e-300).log()
+    return torch.softmax(logits, dim=-1).to(scores.dtype)
+
+
 def swapped_prediction_loss(code_a: Tensor, code_b: Tensor, q_a: Tensor, q_b: Tensor, *, tau: float) -> Tensor:
     """-1/2 [ sum q_b log softmax(code_a / tau) + sum q_a log softmax(code_b / tau) ], batch mean.
 

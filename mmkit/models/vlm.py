@@ -183,23 +183,32 @@ class VisionLanguageModel(nn.Module):
         Both sides are expressed as assignment logits over the LLM's word embeddings (the VLAP codes):
         ``code_v = cos(mean(W f_v), E)``, ``code_t = cos(mean text hidden state, E)``.
         method="cosine": cosine similarity of the two code vectors (comparable for any connector);
-        method="assignment": -cross-entropy between softmax(code_t / tau) and log softmax(code_v / tau)
-        (VLAP's swapped-prediction score; tau from the connector config, 0.01 otherwise).
+        method="assignment": minus VLAP's swapped-prediction loss of the pair,
+        ``1/2 [q_t . log softmax(code_v / tau) + q_v . log softmax(code_t / tau)]``, with the targets ``q``
+        from the connector's own ``assign`` (the reading it was trained with; a balanced transport couples
+        the ``batch_size`` images or texts of one chunk, like a training batch). Needs a connector with
+        ``assign`` (VLAP).
         """
+        if method not in ("cosine", "assignment"):
+            raise ValueError(f"method must be 'cosine' or 'assignment', got {method!r}")
+        if method == "assignment" and not hasattr(self.connector, "assign"):
+            raise ValueError(f"method='assignment' needs a connector with assignment targets (e.g. 'vlap'); "
+                             f"this one is {self.connector.kind!r}: use method='cosine'")
         prototypes = self.llm.word_embeddings()
         code_v = torch.cat([
             prototype_scores(self.image_embeds(features[i : i + batch_size]).mean(1), prototypes)
             for i in range(0, features.shape[0], batch_size)
-        ])
+        ])  # (I, V)
         code_t = torch.cat([
             prototype_scores(self.llm.text_features(texts[i : i + batch_size]), prototypes)
             for i in range(0, len(texts), batch_size)
-        ])
+        ])  # (T, V)
         if method == "cosine":
             return F.normalize(code_v, dim=-1) @ F.normalize(code_t, dim=-1).t()
-        if method == "assignment":
-            tau = getattr(self.connector.config, "tau", 0.01)
-            log_p_v = F.log_softmax(code_v / tau, dim=-1)  # (I, V)
-            p_t = F.softmax(code_t / tau, dim=-1)  # (T, V)
-            return log_p_v @ p_t.t()
-        raise ValueError(f"method must be 'cosine' or 'assignment', got {method!r}")
+        connector = self.connector
+        tau = connector.config.tau
+        q_v = torch.cat([connector.assign(code_v[i : i + batch_size]) for i in range(0, len(code_v), batch_size)])
+        q_t = torch.cat([connector.assign(code_t[i : i + batch_size]) for i in range(0, len(code_t), batch_size)])
+        log_p_v = F.log_softmax(code_v / tau, dim=-1)  # (I, V)
+        log_p_t = F.log_softmax(code_t / tau, dim=-1)  # (T, V)
+        return 0.5 * (log_p_v @ q_t.t() + q_v @ log_p_t.t())
