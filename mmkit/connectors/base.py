@@ -11,20 +11,23 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from ..config import StrictConfig, atomic_write_bytes, atomic_write_text
+from ..registry import Registry
 
 WEIGHTS_NAME = "connector.safetensors"
 CONFIG_NAME = "connector.json"
 
-_REGISTRY: dict[str, type[Connector]] = {}
+CONNECTORS: Registry[type[Connector]] = Registry("connector kind")
 
 
-def register_connector(cls: type[Connector]) -> type[Connector]:
-    _REGISTRY[cls.kind] = cls
-    return cls
+def register_connector(cls: type[Connector], *, replace: bool = False) -> type[Connector]:
+    """Make ``cls`` buildable and loadable by its ``kind``; a kind already taken raises."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__}.kind must name the connector (e.g. 'linear')")
+    return CONNECTORS.register(cls.kind, cls, replace=replace)
 
 
 def connector_kinds() -> list[str]:
-    return sorted(_REGISTRY)
+    return CONNECTORS.names()
 
 
 @dataclass
@@ -88,8 +91,10 @@ def read_connector_json(directory: str | os.PathLike) -> dict:
         payload = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
-    if payload.get("kind") not in _REGISTRY:
-        raise ValueError(f"{path}: unknown connector kind {payload.get('kind')!r}; accepted: {connector_kinds()}")
+    try:
+        CONNECTORS.get(payload.get("kind"))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return payload
 
 
@@ -98,7 +103,7 @@ def load_connector(directory: str | os.PathLike) -> tuple[Connector, dict]:
     from safetensors.torch import load_file
 
     payload = read_connector_json(directory)
-    cls = _REGISTRY[payload["kind"]]
+    cls = CONNECTORS.get(payload["kind"])
     connector = cls(cls.config_class.from_dict(cls.upgrade_saved_config(payload["config"])))
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
@@ -139,7 +144,5 @@ def _shapes(state: dict[str, Tensor], skip: tuple[str, ...] = ()) -> dict[str, t
 
 def build_connector(kind: str, **config) -> Connector:
     """A freshly initialised connector of ``kind`` ('linear', 'vlap', ...) from config keywords."""
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown connector kind {kind!r}; accepted: {connector_kinds()}")
-    cls = _REGISTRY[kind]
+    cls = CONNECTORS.get(kind)
     return cls(cls.config_class.from_dict(config))

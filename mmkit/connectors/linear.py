@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .base import Connector, ConnectorConfig, register_connector
+from .base import Connector, ConnectorConfig
 
 
 @dataclass
@@ -15,7 +15,6 @@ class LinearConnectorConfig(ConnectorConfig):
     bias: bool = True
 
 
-@register_connector
 class LinearConnector(Connector):
     kind = "linear"
     config_class = LinearConnectorConfig

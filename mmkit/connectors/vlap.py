@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses.assignment import prior_weighted_assignment, prototype_scores, sinkhorn, swapped_prediction_loss
-from .base import Connector, ConnectorConfig, register_connector
+from .base import Connector, ConnectorConfig
 
 PRIORS = ("frequency", "uniform")
 # assignment reading -> function(scores (B, K), eps=, iterations=, prototype_marginal=) -> (B, K)
@@ -42,7 +42,6 @@ class VLAPConfig(ConnectorConfig):
     assignment: str = "prior_weighted"
 
 
-@register_connector
 class VLAPConnector(Connector):
     kind = "vlap"
     config_class = VLAPConfig

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import StrictConfig
+from ..registry import Registry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -224,8 +225,8 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
-class Backend:
-    """How to load one spec prefix. ``loader(spec, token_grid=, image_size=, dtype=) -> VisionEncoder``."""
+class EncoderFamily:
+    """How to load the specs of one prefix. ``loader(spec, token_grid=, image_size=, dtype=) -> VisionEncoder``."""
 
     form: str
     example: str
@@ -233,26 +234,27 @@ class Backend:
     split_at: bool = True  # whether "@" separates name and pretrained
 
 
-_BACKENDS: dict[str, Backend] = {
-    "open_clip": Backend(
-        "open_clip:ARCH@PRETRAINED", "open_clip:ViT-B-32@openai", "mmkit.encoders.open_clip:load"
-    ),
-    "hf": Backend(
-        "hf:REPO_OR_PATH", "hf:openai/clip-vit-base-patch32", "mmkit.encoders.hf:load", split_at=False
-    ),
-    "timm": Backend("timm:NAME[@none]", "timm:tf_efficientnet_lite0", "mmkit.encoders.timm:load"),
-}
+ENCODER_FAMILIES: Registry[EncoderFamily] = Registry("encoder family")
+ENCODER_FAMILIES.register(
+    "open_clip", EncoderFamily("open_clip:ARCH@PRETRAINED", "open_clip:ViT-B-32@openai", "mmkit.encoders.open_clip:load")
+)
+ENCODER_FAMILIES.register(
+    "hf", EncoderFamily("hf:REPO_OR_PATH", "hf:openai/clip-vit-base-patch32", "mmkit.encoders.hf:load", split_at=False)
+)
+ENCODER_FAMILIES.register(
+    "timm", EncoderFamily("timm:NAME[@none]", "timm:tf_efficientnet_lite0", "mmkit.encoders.timm:load")
+)
 
 
-def register_backend(prefix: str, backend: Backend) -> None:
-    """Add (or replace) a spec prefix, e.g. for an in-house encoder: ``register_backend("mine", Backend(...))``."""
+def register_encoder_family(prefix: str, family: EncoderFamily, *, replace: bool = False) -> None:
+    """Add a spec prefix, e.g. for an in-house encoder: ``register_encoder_family("mine", EncoderFamily(...))``."""
     if not prefix.isidentifier():
-        raise ValueError(f"backend prefix must be an identifier like 'open_clip', got {prefix!r}")
-    _BACKENDS[prefix] = backend
+        raise ValueError(f"encoder family prefix must be an identifier like 'open_clip', got {prefix!r}")
+    ENCODER_FAMILIES.register(prefix, family, replace=replace)
 
 
 def accepted_forms() -> str:
-    return ", ".join(f"{b.form} (e.g. {b.example})" for b in _BACKENDS.values())
+    return ", ".join(f"{f.form} (e.g. {f.example})" for _, f in ENCODER_FAMILIES.items())
 
 
 def parse_spec(spec: str) -> EncoderSpec:
@@ -263,18 +265,18 @@ def parse_spec(spec: str) -> EncoderSpec:
         )
     prefix, colon, rest = spec.partition(":")
     prefix = prefix.strip()
-    if not colon or prefix not in _BACKENDS or not rest.strip():
-        known_prefix = colon and prefix in _BACKENDS
+    if not colon or prefix not in ENCODER_FAMILIES or not rest.strip():
+        known_prefix = colon and prefix in ENCODER_FAMILIES
         close = (
             []
             if known_prefix or not colon
-            else difflib.get_close_matches(prefix, list(_BACKENDS), n=1, cutoff=0.5)
+            else difflib.get_close_matches(prefix, list(ENCODER_FAMILIES), n=1, cutoff=0.5)
         )
         hint = f" Did you mean '{close[0]}:{rest}'?" if close else ""
         what = "has no model name" if known_prefix else "has no known backend prefix"
         raise ValueError(f"encoder spec {spec!r} {what}. Accepted forms: {accepted_forms()}.{hint}")
     rest = rest.strip()
-    if not _BACKENDS[prefix].split_at:
+    if not ENCODER_FAMILIES.get(prefix).split_at:
         return EncoderSpec(prefix, rest)
     name, at, pretrained = rest.partition("@")
     if at and not pretrained:
@@ -329,8 +331,7 @@ def load_encoder(
     Never downloads when ``HF_HUB_OFFLINE=1``.
     """
     parsed = parse_spec(spec)
-    backend = _BACKENDS[parsed.backend]
-    loader = backend.loader
+    loader = ENCODER_FAMILIES.get(parsed.backend).loader
     if isinstance(loader, str):
         module_name, _, function_name = loader.partition(":")
         loader = getattr(importlib.import_module(module_name), function_name)
@@ -343,13 +344,14 @@ def load_encoder(
 
 
 __all__ = [
-    "Backend",
+    "ENCODER_FAMILIES",
     "EncoderConfig",
+    "EncoderFamily",
     "EncoderOutput",
     "EncoderSpec",
     "VisionEncoder",
     "accepted_forms",
     "load_encoder",
     "parse_spec",
-    "register_backend",
+    "register_encoder_family",
 ]

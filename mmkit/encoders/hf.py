@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..hub import hub_offline
 from .base import EncoderOutput, EncoderSpec, VisionEncoder, check_pixels, split_prefix, tokens_from_map
-from .carriers import hub_offline
 
 # config.model_type -> transformers class holding just the vision tower.
 VISION_TOWERS: dict[str, str] = {

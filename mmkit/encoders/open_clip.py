@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..hub import hub_offline
 from .base import EncoderOutput, EncoderSpec, VisionEncoder, check_pixels, close_names, tokens_from_map
-from .carriers import hub_offline
 
 logger = logging.getLogger("mmkit.encoders")
 

