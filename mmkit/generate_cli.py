@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import command
+from .data.images import image_grid
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "t2i" / "shapes"
 PIPELINE_CLASSES = ("PixelTextToImagePipeline", "StableDiffusionPipeline")
@@ -144,34 +144,6 @@ def load_pipeline(folder: str | Path | None = None):
         return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
                                                        requires_safety_checker=False)
     raise ValueError(f"{folder} holds a {name!r} pipeline; accepted: {list(PIPELINE_CLASSES)}")
-
-
-# ---------------------------------------------------------------------- images
-def image_grid(images: Any, cols: int | None = None, scale: int | None = None, pad: int = 2):
-    """PIL grid of ``images`` (list of PIL images, or a (N, 3, H, W) tensor in [0, 1]).
-
-    cols: default ceil(sqrt(N)); scale: nearest-neighbour upscaling, default so tiles are >= 128 px.
-    """
-    from PIL import Image
-
-    if hasattr(images, "detach"):
-        from .diffusion.pixel_pipeline import to_uint8
-
-        images = [Image.fromarray(a) for a in to_uint8(images)]
-    images = list(images)
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    w, h = images[0].size
-    scale = scale or max(1, math.ceil(128 / max(w, h)))
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    tw, th = w * scale, h * scale
-    grid = Image.new("RGB", (cols * tw + (cols + 1) * pad, rows * th + (rows + 1) * pad), (255, 255, 255))
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        tile = img.convert("RGB").resize((tw, th), Image.NEAREST) if scale > 1 else img.convert("RGB")
-        grid.paste(tile, (pad + c * (tw + pad), pad + r * (th + pad)))
-    return grid
 
 
 # ---------------------------------------------------------------------- the command

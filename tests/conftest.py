@@ -33,3 +33,11 @@ def inputs():
     """(latents (2, 4, 16, 16), timestep, context (2, 5, 24)) for the ``unet`` fixture."""
     g = torch.Generator().manual_seed(1)
     return torch.randn(2, 4, 16, 16, generator=g), torch.tensor(500), torch.randn(2, 5, 24, generator=g)
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tmp_path_factory):
+    """Folder with ``vision/`` (tiny CLIP vision tower, 30 px) and ``llm/`` (tiny Llama + word tokenizer)."""
+    from mmkit.testing import save_tiny_vlm_parts
+
+    return save_tiny_vlm_parts(tmp_path_factory.mktemp("tiny_parts"))

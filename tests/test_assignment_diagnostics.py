@@ -10,17 +10,13 @@ from mmkit.eval.assignment_diagnostics import assignment_diagnostics, format_dia
 from mmkit.llm import FrozenLM
 from mmkit.losses import prior_weighted_assignment, prototype_scores, sinkhorn, word_frequency_prior
 from mmkit.models import VisionLanguageModel
-from mmkit.testing import tiny_llama, tiny_tokenizer
 
 CAPTIONS = ["a red circle", "a blue star", "a green square", "two red stars", "a big circle", "a blue square"]
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llm")
-    tiny_llama().save_pretrained(root)
-    tiny_tokenizer().save_pretrained(root)
-    return FrozenLM.from_pretrained(root)
+def llm(tiny_parts):
+    return FrozenLM.from_pretrained(tiny_parts / "llm")
 
 
 def make(llm, kind="vlap", **options):

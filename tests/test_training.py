@@ -56,20 +56,6 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert "state" in state
 
 
-@pytest.fixture(scope="module")
-def tiny_parts(tmp_path_factory):
-    from transformers import CLIPImageProcessor
-
-    from mmkit.testing import tiny_clip_vision, tiny_llama, tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny")
-    tiny_clip_vision().save_pretrained(root / "vision")
-    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(root / "vision")
-    tiny_llama().save_pretrained(root / "llm")
-    tiny_tokenizer().save_pretrained(root / "llm")
-    return root
-
-
 def run_recipe(script, args, cwd):
     res = subprocess.run([sys.executable, str(ROOT / "recipes" / script), *args], capture_output=True, text=True,
                          cwd=cwd, timeout=600)

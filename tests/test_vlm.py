@@ -8,19 +8,11 @@ from mmkit.encoders import load_encoder
 from mmkit.llm import FrozenLM
 from mmkit.losses import word_frequency_prior
 from mmkit.models import VisionLanguageModel
-from mmkit.testing import tiny_clip_vision, tiny_llama, tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    from transformers import CLIPImageProcessor
-
-    root = tmp_path_factory.mktemp("parts")
-    tiny_clip_vision().save_pretrained(root / "vision")
-    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(root / "vision")
-    tiny_llama().save_pretrained(root / "llm")
-    tiny_tokenizer().save_pretrained(root / "llm")
-    return root
+@pytest.fixture
+def parts(tiny_parts):
+    return tiny_parts
 
 
 def make_model(parts, kind="vlap"):

@@ -12,22 +12,14 @@ from mmkit.models import VisionLanguageModel
 
 
 @pytest.fixture(scope="module")
-def connector_dir(tmp_path_factory):
-    from transformers import CLIPImageProcessor
-
-    from mmkit.testing import tiny_clip_vision, tiny_llama, tiny_tokenizer
-
-    root = tmp_path_factory.mktemp("cli")
-    tiny_clip_vision().save_pretrained(root / "vision")
-    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(root / "vision")
-    tiny_llama().save_pretrained(root / "llm")
-    tiny_tokenizer().save_pretrained(root / "llm")
+def connector_dir(tiny_parts, tmp_path_factory):
+    root, out = tiny_parts, tmp_path_factory.mktemp("cli")
     encoder = load_encoder(f"hf:{root / 'vision'}")
     llm = FrozenLM.from_pretrained(root / "llm")
     model = VisionLanguageModel(encoder, build_connector("linear", vision_dim=encoder.dim, llm_dim=llm.hidden_size),
                                 llm, caption_prompt="<image> caption :", vqa_prompt="<image> {question} answer :")
-    model.save_connector(root / "conn", llm_name=str(root / "llm"), extra={"encoder": {"spec": f"hf:{root / 'vision'}"}})
-    return root / "conn"
+    model.save_connector(out / "conn", llm_name=str(root / "llm"), extra={"encoder": {"spec": f"hf:{root / 'vision'}"}})
+    return out / "conn"
 
 
 @pytest.fixture

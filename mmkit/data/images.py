@@ -29,6 +29,7 @@ alone: if some other code turned it on, truncated files load as Pillow pads them
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
 
@@ -226,4 +227,33 @@ def _from_array(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(u8, "RGB")
 
 
-__all__ = ["CONVERTED_MODES", "ImageLoadError", "ImageSource", "accepted_inputs", "load_image"]
+
+
+def image_grid(images, cols: int | None = None, scale: int | None = None, pad: int = 2):
+    """PIL grid of ``images`` (list of PIL images, or a (N, 3, H, W) tensor in [0, 1]).
+
+    cols: default ceil(sqrt(N)); scale: nearest-neighbour upscaling, default so tiles are >= 128 px.
+    """
+    from PIL import Image
+
+    if hasattr(images, "detach"):
+        from ..diffusion.pixel_pipeline import to_uint8
+
+        images = [Image.fromarray(a) for a in to_uint8(images)]
+    images = list(images)
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    w, h = images[0].size
+    scale = scale or max(1, math.ceil(128 / max(w, h)))
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    tw, th = w * scale, h * scale
+    grid = Image.new("RGB", (cols * tw + (cols + 1) * pad, rows * th + (rows + 1) * pad), (255, 255, 255))
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        tile = img.convert("RGB").resize((tw, th), Image.NEAREST) if scale > 1 else img.convert("RGB")
+        grid.paste(tile, (pad + c * (tw + pad), pad + r * (th + pad)))
+    return grid
+
+
+__all__ = ["CONVERTED_MODES", "ImageLoadError", "ImageSource", "accepted_inputs", "image_grid", "load_image"]

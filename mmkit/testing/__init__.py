@@ -2,6 +2,7 @@
 
 from .asserts import assert_oracle_rule, max_abs_error
 from .tiny import (
+    save_tiny_vlm_parts,
     tiny_clip_text,
     tiny_clip_vision,
     tiny_llama,
@@ -15,6 +16,7 @@ from .tiny import (
 __all__ = [
     "assert_oracle_rule",
     "max_abs_error",
+    "save_tiny_vlm_parts",
     "tiny_clip_text",
     "tiny_clip_vision",
     "tiny_llama",

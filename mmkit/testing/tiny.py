@@ -7,6 +7,9 @@ returns a model in eval mode. Shipped in the package so users can test their own
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 
@@ -183,7 +186,22 @@ def tiny_tokenizer(words: tuple[str, ...] | list[str] = TINY_WORDS):
     )
     return tok
 
+def save_tiny_vlm_parts(root: str | os.PathLike) -> Path:
+    """Write a tiny CLIP vision tower (30 px, with its image processor) to ``root/vision`` and a tiny Llama with
+    :func:`tiny_tokenizer` to ``root/llm``: load them as ``hf:<root>/vision`` and ``FrozenLM.from_pretrained(root/llm)``.
+    Returns ``root``."""
+    from transformers import CLIPImageProcessor
+
+    root = Path(root)
+    tiny_clip_vision().save_pretrained(root / "vision")
+    CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(root / "vision")
+    tiny_llama().save_pretrained(root / "llm")
+    tiny_tokenizer().save_pretrained(root / "llm")
+    return root
+
+
 __all__ = [
+    "save_tiny_vlm_parts",
     "tiny_clip_text",
     "tiny_clip_vision",
     "tiny_llama",

@@ -26,24 +26,28 @@ def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
     *,
-    write_adapter: Callable[[Path], object],
+    write_adapter: Callable[[Path], dict | None],
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     state: dict | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write ``output_dir/step-XXXXXX`` atomically and prune all but the newest ``keep`` checkpoints."""
+    """Write ``output_dir/step-XXXXXX`` atomically and prune all but the newest ``keep`` checkpoints.
+
+    ``write_adapter(folder)`` writes the trained weights; a dict it returns joins ``state.json``.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".step-{step:06d}."))
     try:
-        write_adapter(tmp)
+        extra = write_adapter(tmp)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2) + "\n")
+        payload = {"step": step, **(state or {}), **(extra if isinstance(extra, dict) else {})}
+        (tmp / "state.json").write_text(json.dumps(payload, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

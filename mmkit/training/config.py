@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,27 +48,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-@dataclass
-class TrainLoopConfig(StrictConfig):
-    """The ``train:`` fields every recipe's loop shares; recipes subclass it and change defaults.
-
-    output_dir: checkpoints (``step-N/``), ``log.jsonl`` and ``final/``; save_every: steps between atomic
-    checkpoints, of which the newest ``keep_checkpoints`` stay; mixed_precision: accelerate's setting.
-    """
-
-    output_dir: str = "outputs/run"
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    max_train_steps: int = 1000
-    seed: int = 0
-    log_every: int = 25
-    save_every: int = 250
-    keep_checkpoints: int = 2
-    mixed_precision: str = "no"
-
-
 def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] | None = None) -> T:
     """Read ``path`` (yaml) if given, apply overrides, and build ``cls`` strictly (unknown keys fail)."""
     data: dict = {}
@@ -91,11 +69,13 @@ def dump_config(config: StrictConfig) -> str:
 def parse_recipe_args(
     cls: type[T], default_config: str, *, description: str, epilog: str, argv: list[str] | None = None
 ) -> tuple[T, argparse.Namespace]:
-    """The command line every training recipe shares: ``--config``, ``--resume``, ``--max_train_steps``,
-    ``--output_dir`` and dotted ``section.key=value`` overrides. Returns the strict config and the args."""
+    """The command line every training recipe shares: ``--config``, ``--resume``, ``--overwrite``,
+    ``--max_train_steps``, ``--output_dir`` and dotted ``section.key=value`` overrides. Returns the strict config and the args."""
     parser = argparse.ArgumentParser(description=description, epilog=epilog)
     parser.add_argument("--config", default=default_config, help=f"yaml config (default: {default_config})")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output_dir that holds another run (deletes its checkpoints and final/)")
     parser.add_argument("--max_train_steps", type=int, default=None, help="override train.max_train_steps")
     parser.add_argument("--output_dir", default=None, help="override train.output_dir")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")

@@ -1,28 +1,25 @@
-"""Train a vision->LLM connector under ``accelerate`` (the caption and VQA recipes call this).
+"""Train a vision->LLM connector on the shared loop (the caption and VQA recipes call this).
 
 Only the connector trains. Encoder features are cached once (``data.feature_cache``); the frozen LLM runs
 forward and backward (for the gradient into its input embeddings) every step. Checkpoints hold only the
-connector plus optimizer/scheduler state and are written atomically every ``save_every`` steps, at the
-end, and on Ctrl-C / SIGTERM; ``resume=True`` continues from the newest one.
+connector (plus the optimizer / scheduler state the loop adds); see :mod:`mmkit.training.loop`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
-from tqdm.auto import tqdm
 
-from ..config import StrictConfig, atomic_write_text
+from ..config import StrictConfig
 from ..models.vlm import CAPTION_PROMPT, VQA_PROMPT, VisionLanguageModel
-from .checkpoint import GracefulStop, latest_checkpoint, load_training_state, save_checkpoint
-from .config import TrainLoopConfig
 from .features import cached_features
+from .loop import TrainingLoop, TrainingTask, TrainLoopConfig, recipe_command
 from .vlm_data import DataConfig, ExampleDataset, ImageSource, collate
 
 
@@ -43,7 +40,6 @@ class ModelConfig(StrictConfig):
 class TrainConfig(TrainLoopConfig):
     output_dir: str = "outputs/caption-vlap"
     max_train_steps: int = 2000
-    gradient_accumulation_steps: int = 1
     cache_features: bool = True
 
 
@@ -101,115 +97,89 @@ def build_model(cfg: VLMTrainConfig, encoder, llm, caption_texts: list[str]) -> 
     )
 
 
-def train_vlm(cfg: VLMTrainConfig, *, resume: bool = False, command: str | None = None) -> Path:
+class VLMTask(TrainingTask):
+    """Train the connector of a :class:`VisionLanguageModel` (frozen encoder and LLM) on captions / QA.
+
+    Batches follow a ``RandomSampler`` reseeded with ``seed + epoch`` at each epoch, so a resumed run sees
+    exactly the batches an unbroken one would. Checkpoints and ``final/`` hold the connector folder.
+    """
+
+    def __init__(self, cfg: VLMTrainConfig, loop: TrainingLoop) -> None:
+        tc = cfg.train
+        self.cfg, self.loop = cfg, loop
+        encoder, llm = load_components(cfg.model)
+        source = ImageSource(cfg.data)
+        examples = source.examples(caption_prompt=cfg.model.caption_prompt, vqa_prompt=cfg.model.vqa_prompt)
+        if len(examples) < tc.batch_size:
+            raise ValueError(f"train.batch_size {tc.batch_size} is larger than the {len(examples)} training examples "
+                             f"of {cfg.data.source}/{cfg.data.split}; lower train.batch_size or raise data.size")
+        features = source_features(source, encoder, encoder_meta(cfg.model), cfg.data.feature_cache) \
+            if tc.cache_features else None
+        captions = [ex.target for ex in examples if ex.kind == "caption"] or [ex.align for ex in examples if ex.align]
+        self.model = build_model(cfg, encoder, llm, captions)
+        self.model.llm.to(loop.device)
+        if features is not None:
+            dataset, collate_fn = ExampleDataset(examples, features), collate
+        else:  # uncached: encode the images of every batch (slow; for comparison and huge datasets)
+            dataset, collate_fn = _UncachedExamples(examples, source), _UncachedCollate(encoder)
+        self.sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(tc.seed))
+        loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=self.sampler, collate_fn=collate_fn,
+                            drop_last=True)
+        self.loader = loop.accelerator.prepare(loader)
+        self.meta = {
+            "encoder": encoder_meta(cfg.model),
+            "training": {"command": loop.command, "data": source.signature(), "steps": tc.max_train_steps},
+        }
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.connector
+
+    @module.setter
+    def module(self, prepared: nn.Module) -> None:  # the loop hands back the accelerate-wrapped connector
+        self.model.connector = prepared
+
+    def batches(self, start: int):
+        per_epoch = len(self.loader)
+        if per_epoch == 0:
+            raise ValueError("the training data holds no complete batch; lower train.batch_size")
+        while True:
+            epoch, offset = divmod(start, per_epoch)
+            self.sampler.generator.manual_seed(self.cfg.train.seed + epoch)
+            epoch_batches = self.loop.accelerator.skip_first_batches(self.loader, offset) if offset else self.loader
+            for batch in epoch_batches:
+                yield batch
+                start += 1
+
+    def step(self, batch) -> dict[str, torch.Tensor]:
+        return self.model(batch["features"], batch["prompt"], batch["target"], alignment_texts=batch["align"])
+
+    def _write_connector(self, folder: Path) -> None:
+        unwrapped = self.unwrapped()
+        VisionLanguageModel(None, unwrapped, self.model.llm, caption_prompt=self.model.caption_prompt,
+                            vqa_prompt=self.model.vqa_prompt).save_connector(folder, llm_name=self.cfg.model.llm,
+                                                                             extra=self.meta)
+
+    def save_checkpoint(self, folder: Path) -> dict:
+        self._write_connector(folder)
+        return {}
+
+    def load_checkpoint(self, folder: Path, state: dict) -> None:
+        from ..connectors import load_weights_into
+
+        load_weights_into(self.unwrapped(), folder)
+
+    def save_final(self, folder: Path) -> None:
+        self._write_connector(folder)
+
+
+def train_vlm(cfg: VLMTrainConfig, *, resume: bool = False, overwrite: bool = False, command: str | None = None) -> Path:
     """Run training; returns the folder of the final connector (``output_dir/final``)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
+    from ..connectors import CONNECTORS
 
-    tc = cfg.train
-    accelerator = Accelerator(
-        gradient_accumulation_steps=tc.gradient_accumulation_steps, mixed_precision=tc.mixed_precision
-    )
-    set_seed(tc.seed)
-    out_dir = Path(tc.output_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-
-    encoder, llm = load_components(cfg.model)
-    source = ImageSource(cfg.data)
-    examples = source.examples(caption_prompt=cfg.model.caption_prompt, vqa_prompt=cfg.model.vqa_prompt)
-    if tc.cache_features:
-        features = source_features(source, encoder, encoder_meta(cfg.model), cfg.data.feature_cache)
-    else:
-        features = None
-    captions = [ex.target for ex in examples if ex.kind == "caption"] or [ex.align for ex in examples if ex.align]
-    model = build_model(cfg, encoder, llm, captions)
-    model.llm.to(accelerator.device)
-
-    if features is not None:
-        dataset = ExampleDataset(examples, features)
-        collate_fn = collate
-    else:  # uncached: encode the images of every batch (slow; for comparison and huge datasets)
-        dataset = _UncachedExamples(examples, source)
-        collate_fn = _UncachedCollate(encoder)
-    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(tc.seed))
-    loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=True)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, tc.warmup_steps, tc.max_train_steps)
-    model.connector, optimizer, loader, scheduler = accelerator.prepare(model.connector, optimizer, loader, scheduler)
-
-    step = 0
-    if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            accelerator.print(f"--resume: no checkpoint in {out_dir}; starting from scratch")
-        else:
-            from ..connectors import load_weights_into
-
-            load_weights_into(accelerator.unwrap_model(model.connector), ckpt)
-            step = load_training_state(ckpt, optimizer=optimizer, scheduler=scheduler)["step"]
-            accelerator.print(f"resumed from {ckpt} at step {step}")
-
-    llm_name = cfg.model.llm
-    meta = {
-        "encoder": encoder_meta(cfg.model),
-        "training": {"command": command, "data": source.signature(), "steps": tc.max_train_steps},
-    }
-
-    def write_connector(folder: Path) -> None:
-        unwrapped = accelerator.unwrap_model(model.connector)
-        VisionLanguageModel(None, unwrapped, model.llm, caption_prompt=model.caption_prompt,
-                            vqa_prompt=model.vqa_prompt).save_connector(folder, llm_name=llm_name, extra=meta)
-
-    def checkpoint(at: int) -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(out_dir, at, write_adapter=write_connector, optimizer=optimizer, scheduler=scheduler,
-                            state={"seed": tc.seed}, keep=tc.keep_checkpoints)
-
-    log_path = out_dir / "log.jsonl"
-    steps_per_epoch = max(1, len(loader))
-    progress = tqdm(total=tc.max_train_steps, initial=step, desc="training connector", unit="step",
-                    disable=not accelerator.is_main_process)
-    model.connector.train()
-    started = time.perf_counter()
-    with GracefulStop(lambda: checkpoint(step), accelerator.print, lambda: f"step {step} to {out_dir}") as stop:
-        try:
-            while step < tc.max_train_steps:
-                epoch, offset = divmod(step, steps_per_epoch)
-                sampler.generator.manual_seed(tc.seed + epoch)
-                batches = accelerator.skip_first_batches(loader, offset) if offset else loader
-                for batch in batches:
-                    with accelerator.accumulate(model.connector):
-                        out = model(batch["features"], batch["prompt"], batch["target"], alignment_texts=batch["align"])
-                        accelerator.backward(out["loss"])
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
-                    step += 1
-                    progress.update(1)
-                    if step % tc.log_every == 0 or step == tc.max_train_steps:
-                        record = {"step": step, "lr": scheduler.get_last_lr()[0],
-                                  "elapsed_s": round(time.perf_counter() - started, 1)}
-                        record.update({k: round(float(v.detach()), 4) for k, v in out.items()})
-                        progress.set_postfix(loss=record["loss"])
-                        if accelerator.is_main_process:
-                            with open(log_path, "a") as fh:
-                                fh.write(json.dumps(record) + "\n")
-                    if step % tc.save_every == 0:
-                        checkpoint(step)
-                    stop.check()
-                    if step >= tc.max_train_steps:
-                        break
-        finally:
-            progress.close()
-    checkpoint(step)
-    final = out_dir / "final"
-    if accelerator.is_main_process:
-        write_connector(final)
-    accelerator.wait_for_everyone()
-    return final
+    CONNECTORS.get(cfg.model.connector)  # a typo fails here, before minutes of feature caching
+    loop = TrainingLoop(cfg.train, run_config=cfg, resume=resume, overwrite=overwrite, command=command)
+    return loop.run(VLMTask(cfg, loop))
 
 
 class _UncachedExamples(torch.utils.data.Dataset):
@@ -240,8 +210,6 @@ class _UncachedCollate:
 
 def recipe_main(default_config: str, argv: list[str] | None = None) -> Path:
     """Command line shared by the caption and VQA recipes (each passes its default yaml)."""
-    import sys
-
     from .config import parse_recipe_args
 
     cfg, args = parse_recipe_args(
@@ -250,7 +218,6 @@ def recipe_main(default_config: str, argv: list[str] | None = None) -> Path:
         epilog="Extra arguments are dotted overrides, e.g. train.learning_rate=1e-4 model.connector=linear",
         argv=argv,
     )
-    command = " ".join(["accelerate launch", *sys.argv]) if argv is None else " ".join(argv)
-    final = train_vlm(cfg, resume=args.resume, command=command)
+    final = train_vlm(cfg, resume=args.resume, overwrite=args.overwrite, command=recipe_command(argv, "train.py"))
     print(f"connector saved to {final}")
     return final
