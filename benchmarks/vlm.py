@@ -62,7 +62,7 @@ def main() -> int:
     assert llm_batch.input_ids.shape[1] == prefix_len, (llm_batch.input_ids.shape, prefix_len)
 
     def through_vlm():
-        embeds = vlm.image_embeds(feats)
+        embeds, _ = vlm.image_embeds(feats)
         return llm.generate_ids(vlm_batch, embeds, max_new_tokens=new_tokens, stop_at_eos=False)
 
     def bare_llm():
@@ -70,7 +70,7 @@ def main() -> int:
                                 stop_at_eos=False)
 
     def from_pixels():
-        embeds = vlm.image_embeds(vlm.image_features(images))
+        embeds, _ = vlm.image_embeds(vlm.image_features(images))
         return llm.generate_ids(vlm_batch, embeds, max_new_tokens=new_tokens, stop_at_eos=False)
 
     with torch.no_grad():

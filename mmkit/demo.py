@@ -74,20 +74,6 @@ def _data_uri(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def quick_connector(output_dir: Path, steps: int = 40) -> Path:
-    """Train a small VLAP connector on single-object ShapesWorld captions (the fallback when no asset)."""
-    from .training.vlm import VLMTrainConfig, train_vlm
-
-    cfg = VLMTrainConfig.from_dict({
-        "model": {"connector": "vlap"},
-        "data": {"size": 320, "max_objects": 1, "tasks": {"caption": 1, "vqa": 1},
-                 "feature_cache": str(output_dir / "features")},
-        "train": {"output_dir": str(output_dir / "quick-vlap"), "max_train_steps": steps, "warmup_steps": 5,
-                  "save_every": steps, "log_every": 10},
-    })
-    return train_vlm(cfg, command=f"mmkit demo (fallback: {steps} steps, single-object scenes)")
-
-
 def write_page(path: Path, sections: list[tuple[str, str, list[dict]]], header: str) -> Path:
     parts = [
         "<!doctype html><meta charset='utf-8'><title>mmkit demo</title>",
@@ -129,11 +115,8 @@ def run_vlm_demo(connector: Path | None, out_dir: Path, num_scenes: int) -> Path
     t0 = time.perf_counter()
     if connector is None:
         connector = ASSET_CONNECTOR
-    if not (connector / "connector.json").is_file():
-        print(f"no trained connector at {connector}; training a small one first (single-object scenes)")
-        connector = quick_connector(out_dir)
-    model = VisionLanguageModel.from_connector(connector)
-    meta = VisionLanguageModel.connector_metadata(connector)
+    model = VisionLanguageModel.from_pretrained(connector)
+    meta = VisionLanguageModel.bundle_parts(connector)
     print(f"loaded encoder {model.encoder.spec} + {meta['llm']['name']} + {model.connector.kind} connector "
           f"from {connector} in {time.perf_counter() - t0:.1f} s")
 

@@ -43,15 +43,19 @@ class Registry(Generic[T]):
         """Remove and return ``name`` (tests and plug-ins that replace a built-in)."""
         return self._items.pop(self._check(name))
 
-    def get(self, name: str) -> T:
-        return self._items[self._check(name)]
+    def get(self, name: str, *, among: list[str] | None = None, what: str | None = None) -> T:
+        """The thing registered as ``name``. ``among`` narrows the accepted names (e.g. the adapter kinds of
+        one family) and ``what`` renames the sort in the error."""
+        return self._items[self._check(name, among, what)]
 
-    def _check(self, name: str) -> str:
-        if name in self._items:
+    def _check(self, name: str, among: list[str] | None = None, what: str | None = None) -> str:
+        accepted = self.names() if among is None else sorted(among)
+        if name in self._items and name in accepted:
             return name
-        close = difflib.get_close_matches(str(name), list(self._items), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(str(name), accepted, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ";"
-        raise ValueError(f"unknown {self.what} {name!r}{hint} accepted: {', '.join(self.names()) or '(none registered)'}")
+        raise ValueError(f"unknown {what or self.what} {name!r}{hint} accepted: "
+                         f"{', '.join(accepted) or '(none registered)'}")
 
     def names(self) -> list[str]:
         """Registered names, sorted (for messages and listings)."""

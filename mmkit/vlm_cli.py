@@ -20,11 +20,12 @@ def _connector_arg(parser: argparse.ArgumentParser) -> None:
 
 def _load(connector: Path):
     from .models import VisionLanguageModel
+    from .models.bundle import is_bundle
 
-    if not (connector / "connector.json").is_file():
-        raise SystemExit(f"mmkit: no trained connector in {connector} (expected connector.json + "
-                         f"connector.safetensors); train one with recipes/caption/train.py or pass --connector")
-    return VisionLanguageModel.from_connector(connector)
+    if not is_bundle(connector):
+        raise SystemExit(f"mmkit: no trained model in {connector} (expected bundle.json, or adapter.json / "
+                         f"connector.json of a connector); train one with recipes/caption/train.py or pass --connector")
+    return VisionLanguageModel.from_pretrained(connector)
 
 
 def _caption_args(parser: argparse.ArgumentParser) -> None:

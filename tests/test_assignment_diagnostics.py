@@ -8,7 +8,7 @@ import torch
 from mmkit.connectors import build_connector
 from mmkit.eval.assignment_diagnostics import assignment_diagnostics, format_diagnostics
 from mmkit.llm import FrozenLM
-from mmkit.losses import prior_weighted_assignment, prototype_scores, sinkhorn, word_frequency_prior
+from mmkit.losses import prior_weighted_assignment, prototype_scores, sinkhorn
 from mmkit.models import VisionLanguageModel
 
 CAPTIONS = ["a red circle", "a blue star", "a green square", "two red stars", "a big circle", "a blue square"]
@@ -21,9 +21,7 @@ def llm(tiny_parts):
 
 def make(llm, kind="vlap", **options):
     connector = build_connector(kind, vision_dim=10, llm_dim=llm.hidden_size, **options)
-    if kind == "vlap":
-        ids = [llm.tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in CAPTIONS]
-        connector.set_prior(word_frequency_prior(ids, llm.vocab_size))
+    connector.prepare(llm=llm, texts=CAPTIONS)
     return VisionLanguageModel(None, connector, llm, caption_prompt="<image> caption :")
 
 

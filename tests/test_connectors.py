@@ -63,12 +63,19 @@ def test_word_frequency_prior():
 def test_vlap_loss_trains_only_the_projection():
     c = build_connector("vlap", vision_dim=10, llm_dim=8, prior="uniform")
     protos = torch.randn(30, 8)
-    out = c.auxiliary_loss(c(torch.randn(4, 3, 10)), torch.randn(4, 8), protos)
-    out["weighted"].backward()
+    tokens, mask = c(torch.randn(4, 3, 10))
+    assert mask is None and tokens.shape == (4, 3, 8)
+    loss = c.map_loss(tokens, torch.randn(4, 8), protos)
+    (0.1 * loss).backward()
     assert c.proj.weight.grad.abs().sum() > 0
-    assert torch.allclose(out["weighted"], 0.1 * out["map_loss"])
     with pytest.raises(ValueError, match="set_prior"):
-        build_connector("vlap", vision_dim=10, llm_dim=8).auxiliary_loss(torch.randn(4, 3, 8), torch.randn(4, 8), protos)
+        build_connector("vlap", vision_dim=10, llm_dim=8).map_loss(torch.randn(4, 3, 8), torch.randn(4, 8), protos)
+    # a (B, N) mask drops padded tokens from the mean visual code
+    feats = torch.randn(2, 3, 10)
+    padded, mask = c(torch.cat([feats, torch.randn(2, 2, 10)], 1), torch.tensor([[1, 1, 1, 0, 0]] * 2).bool())
+    code_masked, _ = c.codes(padded, torch.randn(2, 8), protos, mask)
+    code_plain, _ = c.codes(c(feats)[0], torch.randn(2, 8), protos)
+    assert torch.allclose(code_masked, code_plain, atol=1e-6)
 
 
 def test_save_load_round_trip_and_errors(tmp_path):
@@ -78,19 +85,19 @@ def test_save_load_round_trip_and_errors(tmp_path):
         back, meta = load_connector(tmp_path / kind)
         assert type(back) is type(c) and meta == {"llm": {"name": "x"}}
         x = torch.randn(2, 3, 6)
-        assert torch.equal(back(x), c(x))
+        assert torch.equal(back(x)[0], c(x)[0])
         assert set(back.state_dict()) - {"prior"} == {"proj.weight", "proj.bias"}  # no wrapper prefixes
     with pytest.raises(ValueError, match="unknown connector kind 'mlp'"):
         build_connector("mlp", vision_dim=1, llm_dim=1)
     with pytest.raises(ValueError, match="unknown key 'tua'; did you mean 'tau'"):
         build_connector("vlap", vision_dim=1, llm_dim=1, tua=0.1)
-    with pytest.raises(FileNotFoundError, match="connector.json"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_connector(tmp_path / "missing")
     # weights that do not fit the config
     bad = build_connector("linear", vision_dim=5, llm_dim=4)
     bad.save(tmp_path / "bad")
-    good_json = (tmp_path / "linear" / "connector.json").read_text()
-    (tmp_path / "bad" / "connector.json").write_text(good_json)
+    good_json = (tmp_path / "linear" / "adapter.json").read_text()
+    (tmp_path / "bad" / "adapter.json").write_text(good_json)
     with pytest.raises(ValueError, match="does not fit"):
         load_connector(tmp_path / "bad")
 
@@ -102,7 +109,7 @@ def test_load_weights_into_copies_matching_weights_and_names_what_does_not_fit(t
     assert not torch.equal(target.proj.weight, saved.proj.weight)
     assert load_weights_into(target, tmp_path / "vlap") == {"training": {"steps": 3}}
     x = torch.randn(2, 3, 6)
-    assert torch.equal(target(x), saved(x))
+    assert torch.equal(target(x)[0], saved(x)[0])
     with pytest.raises(ValueError, match=r"vlap.* holds a 'vlap' connector; this model's connector is 'linear'"):
         load_weights_into(build_connector("linear", vision_dim=6, llm_dim=4), tmp_path / "vlap")
     wide = build_connector("vlap", vision_dim=7, llm_dim=4)
@@ -220,7 +227,7 @@ def test_prior_is_saved_with_the_weights_and_old_folders_load_as_balanced(tmp_pa
 
     (tmp_path / "old").mkdir()
     save_file({k: v for k, v in c.state_dict().items() if k != "prior"}, str(tmp_path / "old" / "connector.safetensors"))
-    payload = json.loads((tmp_path / "new" / "connector.json").read_text())
+    payload = json.loads((tmp_path / "new" / "adapter.json").read_text())
     del payload["config"]["assignment"]
     (tmp_path / "old" / "connector.json").write_text(json.dumps(payload))
     old, _ = load_connector(tmp_path / "old")

@@ -150,3 +150,94 @@ def test_caption_token_ids_match_what_text_features_encodes(lm):
     plain = FrozenLM(lm.model, lm.tokenizer, text_feature_memo=0)
     hidden = lm.model.get_decoder()(input_ids=torch.tensor([ids])).last_hidden_state.mean(1)
     torch.testing.assert_close(plain.text_features(["  a red circle\n"]), hidden)
+
+
+# ---------------------------------------------------------------- ragged image tokens, hidden states
+def test_ragged_image_token_counts_match_per_sample_batches():
+    lm = FrozenLM(tiny_llama(), tiny_tokenizer())
+    counts = [2, 5]
+    img = torch.randn(2, 5, lm.hidden_size)
+    mask = torch.arange(5)[None] < torch.tensor(counts)[:, None]  # (2, 5): sample 0 has 2 real tokens
+    prompts, targets = ["<image> caption :"] * 2, ["a red circle", "a blue star"]
+    batch = lm.build_batch(prompts, counts, targets)
+    assert batch.image_mask.sum(1).tolist() == counts
+    out = lm(batch, img, mask)
+    assert out.hidden_states.shape[:2] == batch.input_ids.shape and out.batch is batch
+    # each sample alone (its own token count, no padding) gives the same per-sample loss
+    alone = [lm.caption_loss(lm.build_batch([prompts[b]], counts[b], [targets[b]]), img[b:b + 1, :counts[b]])
+             for b in range(2)]
+    tokens = [len(lm.target_ids(t)) for t in targets]
+    expected = sum(a * n for a, n in zip(alone, tokens)) / sum(tokens)
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="one count >= 0 or one per prompt"):
+        lm.build_batch(prompts, [2], targets)
+    gen = lm.build_batch(prompts, counts)
+    assert len(lm.generate(gen, img, image_mask=mask, max_new_tokens=2)) == 2
+
+
+# ---------------------------------------------------------------- the only trainable LM parts
+def test_added_special_tokens_are_the_only_rows_that_train(tmp_path):
+    lm = FrozenLM(tiny_llama(), tiny_tokenizer())
+    table = lm.word_embeddings().detach().clone()
+    (seg,) = lm.add_special_tokens(["<SEG>"])
+    assert lm.tokenizer.convert_ids_to_tokens(seg) == "<SEG>" and lm.vocab_size >= table.shape[0]
+    assert [p.shape for p in lm.trainable_parameters()] == [(1, lm.hidden_size)]
+    opt = torch.optim.AdamW(lm.trainable_parameters(), lr=0.1, weight_decay=0.1)
+    batch = lm.build_batch(["<image> segment :"], 2, ["<SEG>"])
+    for _ in range(3):
+        loss = lm.caption_loss(batch, torch.randn(1, 2, lm.hidden_size))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    keep = torch.arange(table.shape[0]) != seg
+    assert torch.equal(lm.word_embeddings().detach()[: table.shape[0]][keep], table[keep])  # old rows untouched
+    assert not torch.equal(lm.new_rows.detach()[0], table.mean(0))  # the new row moved
+    logits = lm.model.get_output_embeddings()(torch.randn(3, lm.hidden_size))
+    assert logits.shape[-1] == lm.vocab_size  # <SEG> can be predicted
+    lm.save_trainable(tmp_path / "lm")
+    other = FrozenLM(tiny_llama(), tiny_tokenizer())
+    other.load_trainable(tmp_path / "lm")
+    assert other.special_tokens == ["<SEG>"] and torch.equal(other.new_rows, lm.new_rows)
+    with pytest.raises(ValueError, match="already added"):
+        lm.add_special_tokens(["<X>"])
+    with pytest.raises(ValueError, match="already in the tokenizer"):
+        FrozenLM(tiny_llama(), tiny_tokenizer()).add_special_tokens(["circle"])
+
+
+def test_lora_through_peft_trains_only_its_weights_and_saves_plain_keys(tmp_path):
+    from safetensors.torch import load_file
+
+    from mmkit.llm.frozen import LoRASpec
+
+    lm = FrozenLM(tiny_llama(), tiny_tokenizer())
+    frozen = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    lm.add_lora(LoRASpec(r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+    trainable = lm.trainable_parameters()
+    assert trainable and all("lora_" in n for n, p in lm.model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=0.05)
+    batch = lm.build_batch(["<image> caption :"], 2, ["a red circle"])
+    img = torch.randn(1, 2, lm.hidden_size)
+    before = lm.caption_loss(batch, img).item()
+    for _ in range(3):
+        lm.caption_loss(batch, img).backward()
+        opt.step()
+        opt.zero_grad()
+    after_state = lm.model.state_dict()
+    assert all(torch.equal(after_state[k], v) for k, v in frozen.items() if k in after_state)  # base untouched
+    assert lm.caption_loss(batch, img).item() < before
+    lm.save_trainable(tmp_path / "lora")
+    keys = list(load_file(str(tmp_path / "lora" / "adapter.safetensors")))
+    assert keys and all(k.startswith("model.layers.") and "lora_" in k for k in keys)  # no wrapper prefixes
+    other = FrozenLM(tiny_llama(), tiny_tokenizer())
+    other.load_trainable(tmp_path / "lora")
+    assert torch.allclose(other.caption_loss(batch, img), lm.caption_loss(batch, img))
+    with pytest.raises(ValueError, match="not found in the LM"):
+        FrozenLM(tiny_llama(), tiny_tokenizer()).add_lora(LoRASpec(target_modules=("nope_proj",)))
+
+
+def test_generation_stops_at_a_line_break_and_user_text_stays_text():
+    lm = FrozenLM(tiny_llama(), tiny_tokenizer())
+    ids = lm.newline_token_ids()
+    assert all("\n" in lm.tokenizer.decode([i]) for i in ids.tolist())
+    batch = lm.build_batch(["<image> what is <image> ?".replace("<image>", "\ue000", 1)], 2)
+    assert batch.image_mask.sum() == 2  # the second, literal "<image>" is text

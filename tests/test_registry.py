@@ -28,19 +28,20 @@ def test_registry_refuses_duplicates_and_suggests_names():
 
 
 def test_every_registry_uses_the_same_errors():
-    from mmkit.connectors import CONNECTORS, build_connector
+    from mmkit.adapters import ADAPTERS
+    from mmkit.connectors import build_connector, connector_kinds
     from mmkit.encoders import ENCODER_FAMILIES
     from mmkit.ops.dispatch import BACKENDS, get_backend
 
     get_backend("eager")  # built-ins are registered on first use
-    assert {"linear", "vlap"} <= set(CONNECTORS.names())
+    assert {"linear", "vlap"} <= set(connector_kinds()) <= set(ADAPTERS.names())
     assert {"open_clip", "hf", "timm"} <= set(ENCODER_FAMILIES.names())
     assert {"eager", "sdpa", "compiled", "triton"} <= set(BACKENDS.names())
     with pytest.raises(ValueError, match="unknown connector kind 'vlapp'; did you mean 'vlap'"):
         build_connector("vlapp", vision_dim=2, llm_dim=2)
     with pytest.raises(ValueError, match="unknown attention backend 'sdp'; did you mean 'sdpa'"):
         get_backend("sdp")
-    with pytest.raises(ValueError, match="connector kind 'linear' is already registered"):
+    with pytest.raises(ValueError, match="adapter kind 'linear' is already registered"):
         from mmkit.connectors import register_connector
         from mmkit.connectors.linear import LinearConnector
 

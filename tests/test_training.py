@@ -76,12 +76,12 @@ def test_tiny_caption_recipe_trains_resumes_and_evaluates(tiny_parts, tmp_path):
     args = tiny_overrides(tiny_parts, tmp_path)
     run_recipe("caption/train.py", ["--max_train_steps", "3", *args], tmp_path)
     run_dir = tmp_path / "run"
-    assert (run_dir / "final" / "connector.safetensors").is_file()
+    assert (run_dir / "final" / "connector" / "adapter.safetensors").is_file()
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-000002", "step-000003"]
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all("map_loss" in r for r in log)
-    meta = json.loads((run_dir / "final" / "connector.json").read_text())["metadata"]
-    assert meta["encoder"]["spec"].startswith("hf:") and meta["llm"]["name"].endswith("llm")
+    parts = json.loads((run_dir / "final" / "bundle.json").read_text())["parts"]
+    assert parts["encoder"]["spec"].startswith("hf:") and parts["llm"]["name"].endswith("llm")
     # resume continues from step 3 to 5
     run_recipe("caption/train.py", ["--resume", "--max_train_steps", "5", *args], tmp_path)
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -106,7 +106,7 @@ def test_tiny_vqa_recipe_linear(tiny_parts, tmp_path):
     args = tiny_overrides(tiny_parts, tmp_path) + ["model.connector=linear", "model.connector_options={}",
                                                   "data.tasks={caption: 0, vqa: 2}"]
     run_recipe("vqa/train.py", ["--max_train_steps", "2", *args], tmp_path)
-    assert (tmp_path / "run" / "final" / "connector.json").is_file()
+    assert (tmp_path / "run" / "final" / "connector" / "adapter.json").is_file()
 
 
 def test_shipped_config_smoke_with_real_backbones(tmp_path):
@@ -115,7 +115,7 @@ def test_shipped_config_smoke_with_real_backbones(tmp_path):
         "--max_train_steps", "2", "data.size=16", "train.batch_size=4", f"data.feature_cache={tmp_path / 'f'}",
         f"train.output_dir={tmp_path / 'run'}",
     ], tmp_path)
-    meta = json.loads((tmp_path / "run" / "final" / "connector.json").read_text())
+    meta = json.loads((tmp_path / "run" / "final" / "connector" / "adapter.json").read_text())
     assert meta["kind"] == "vlap" and meta["config"]["vision_dim"] == 1280 and meta["config"]["llm_dim"] == 576
 
 

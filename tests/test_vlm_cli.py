@@ -18,7 +18,7 @@ def connector_dir(tiny_parts, tmp_path_factory):
     llm = FrozenLM.from_pretrained(root / "llm")
     model = VisionLanguageModel(encoder, build_connector("linear", vision_dim=encoder.dim, llm_dim=llm.hidden_size),
                                 llm, caption_prompt="<image> caption :", vqa_prompt="<image> {question} answer :")
-    model.save_connector(out / "conn", llm_name=str(root / "llm"), extra={"encoder": {"spec": f"hf:{root / 'vision'}"}})
+    model.save_pretrained(out / "conn", llm_name=str(root / "llm"), encoder={"spec": f"hf:{root / 'vision'}"})
     return out / "conn"
 
 
@@ -63,7 +63,7 @@ def test_bad_inputs_name_the_problem(connector_dir, tmp_path):
     notes.write_text("not an image")
     with pytest.raises(ImageLoadError, match="notes.png"):
         main(["caption", str(notes), "--connector", str(connector_dir)])
-    with pytest.raises(SystemExit, match="no trained connector"):
+    with pytest.raises(SystemExit, match="no trained model"):
         main(["caption", str(good), "--connector", str(tmp_path)])
     with pytest.raises(ValueError, match="open_clip:ARCH@PRETRAINED"):
         load_encoder("clip:ViT-B-32")

@@ -1,13 +1,15 @@
-"""Vision -> LLM connectors. ``build_connector("vlap", vision_dim=..., llm_dim=...)``."""
+"""Vision -> LLM connectors. ``build_connector("vlap", vision_dim=..., llm_dim=...)``; the contract is in ``base``."""
 
 from .base import (
-    CONNECTORS,
+    AuxiliaryLosses,
     Connector,
     ConnectorConfig,
+    LossContext,
     build_connector,
     connector_kinds,
     load_connector,
     load_weights_into,
+    masked_mean,
     register_connector,
 )
 from .linear import LinearConnector, LinearConnectorConfig
@@ -18,9 +20,10 @@ register_connector(LinearConnector)
 register_connector(VLAPConnector)
 
 __all__ = [
-    "CONNECTORS",
+    "AuxiliaryLosses",
     "Connector",
     "ConnectorConfig",
+    "LossContext",
     "LinearConnector",
     "LinearConnectorConfig",
     "VLAPConfig",
@@ -29,5 +32,6 @@ __all__ = [
     "connector_kinds",
     "load_connector",
     "load_weights_into",
+    "masked_mean",
     "register_connector",
 ]

@@ -23,6 +23,6 @@ class LinearConnector(Connector):
         super().__init__(config)
         self.proj = nn.Linear(config.vision_dim, config.llm_dim, bias=config.bias)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, N, vision_dim) -> (B, N, llm_dim)."""
-        return self.proj(tokens)
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(B, N, vision_dim) -> (B, N, llm_dim), the mask unchanged."""
+        return self.proj(features), mask

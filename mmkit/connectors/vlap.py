@@ -17,13 +17,24 @@ Two readings of the assignment step (``VLAPConfig.assignment``), with codes ``s`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ..losses.assignment import prior_weighted_assignment, prototype_scores, sinkhorn, swapped_prediction_loss
-from .base import Connector, ConnectorConfig
+from ..losses.assignment import (
+    prior_weighted_assignment,
+    prototype_scores,
+    sinkhorn,
+    swapped_prediction_loss,
+    word_frequency_prior,
+)
+from .base import AuxiliaryLosses, Connector, ConnectorConfig, LossContext, masked_mean
+
+if TYPE_CHECKING:
+    from ..llm.frozen import FrozenLM
 
 PRIORS = ("frequency", "uniform")
 # assignment reading -> function(scores (B, K), eps=, iterations=, prototype_marginal=) -> (B, K)
@@ -45,7 +56,6 @@ class VLAPConfig(ConnectorConfig):
 class VLAPConnector(Connector):
     kind = "vlap"
     config_class = VLAPConfig
-    needs_text_features = True
     data_buffers = ("prior",)
     readings = tuple(ASSIGNMENTS)  # the readings of the assignment step ``assign(reading=...)`` accepts
 
@@ -62,9 +72,15 @@ class VLAPConnector(Connector):
         # weights so that evaluation assigns as training did; empty until set_prior() or a load.
         self.register_buffer("prior", torch.empty(0))
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, N, vision_dim) -> (B, N, llm_dim)."""
-        return self.proj(tokens)
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(B, N, vision_dim) -> (B, N, llm_dim), the mask unchanged."""
+        return self.proj(features), mask
+
+    def prepare(self, *, llm: FrozenLM, texts: Sequence[str]) -> None:
+        """With ``prior="frequency"``: count the training captions' tokens into the prototype prior."""
+        if self.config.prior == "frequency":
+            ids = [llm.caption_token_ids(t) for t in texts]
+            self.set_prior(word_frequency_prior(ids, llm.vocab_size, temperature=self.config.prior_temperature))
 
     def set_prior(self, prior: Tensor | None) -> None:
         """Install the (V,) word-frequency marginal (see ``mmkit.losses.word_frequency_prior``)."""
@@ -81,9 +97,10 @@ class VLAPConnector(Connector):
             self.prior = torch.empty_like(saved, device=self.prior.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def codes(self, image_embeds: Tensor, text_features: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
-        """Assignment logits (B, V) of the mean visual embedding and of the text representation."""
-        code_v = prototype_scores(image_embeds.mean(dim=1), prototypes)
+    def codes(self, image_embeds: Tensor, text_features: Tensor, prototypes: Tensor,
+              mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Assignment logits (B, V) of the mean visual embedding (over ``mask``) and of the text representation."""
+        code_v = prototype_scores(masked_mean(image_embeds, mask), prototypes)
         code_t = prototype_scores(text_features, prototypes)
         return code_v, code_t
 
@@ -114,8 +131,21 @@ class VLAPConnector(Connector):
         """Connectors saved before ``assignment`` existed were all trained with the balanced reading."""
         return config if "assignment" in config else {**config, "assignment": "balanced"}
 
-    def auxiliary_loss(self, image_embeds: Tensor, text_features: Tensor, prototypes: Tensor) -> dict[str, Tensor]:
-        """{"map_loss": L_map, "weighted": map_weight * L_map}; image_embeds (B, N, d), text_features (B, d)."""
-        code_v, code_t = self.codes(image_embeds, text_features, prototypes.detach())
-        map_loss = swapped_prediction_loss(code_v, code_t, self.assign(code_v), self.assign(code_t), tau=self.config.tau)
-        return {"map_loss": map_loss, "weighted": self.config.map_weight * map_loss}
+    def map_loss(self, image_embeds: Tensor, text_features: Tensor, prototypes: Tensor,
+                 mask: Tensor | None = None) -> Tensor:
+        """L_map (unweighted): image_embeds (B, N, d) with an optional (B, N) mask, text_features (B, d),
+        prototypes (V, d), detached."""
+        code_v, code_t = self.codes(image_embeds, text_features, prototypes.detach(), mask)
+        return swapped_prediction_loss(code_v, code_t, self.assign(code_v), self.assign(code_t), tau=self.config.tau)
+
+    def losses(self, tokens: Tensor, mask: Tensor | None, context: LossContext) -> AuxiliaryLosses | None:
+        """``map_weight * L_map`` over the samples that have a caption (None when fewer than two do: the
+        balanced reading transports over a batch)."""
+        texts = context.texts
+        keep = [i for i, t in enumerate(texts or []) if t]
+        if len(keep) < 2:
+            return None
+        text_features = context.llm.text_features([texts[i] for i in keep])
+        map_loss = self.map_loss(tokens[keep], text_features, context.llm.word_embeddings(),
+                                 None if mask is None else mask[keep])
+        return AuxiliaryLosses(total=self.config.map_weight * map_loss, logged={"map_loss": map_loss})

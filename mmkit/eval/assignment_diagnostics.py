@@ -53,7 +53,7 @@ def assignment_diagnostics(
     random batches of ``batch_size`` pairs (seeded). Returns a dict of floats (see the module docstring).
     """
     connector = model.connector
-    if not getattr(connector, "needs_text_features", False):
+    if not hasattr(connector, "assign"):
         raise ValueError(
             f"assignment diagnostics need a connector with an assignment objective (e.g. 'vlap'); "
             f"got {type(connector).__name__}"
@@ -78,7 +78,7 @@ def assignment_diagnostics(
     for _ in range(batches):
         idx = torch.randperm(len(texts), generator=generator)[:batch_size].tolist()
         batch_texts = [texts[i] for i in idx]
-        embeds = model.image_embeds(features[idx].float())  # (B, N, d)
+        embeds, _ = model.image_embeds(features[idx].float())  # (B, N, d)
         text_features = llm.text_features(batch_texts)  # (B, d)
 
         with torch.no_grad():
@@ -96,7 +96,7 @@ def assignment_diagnostics(
                 first, second = (targets[r] for r in readings)
                 total_variation.append(float(0.5 * (first - second).abs().sum(-1).mean()))
 
-        weighted_map = connector.auxiliary_loss(embeds, text_features, prototypes)["weighted"]
+        weighted_map = connector.config.map_weight * connector.map_loss(embeds, text_features, prototypes)
         g_map = _flat_grad(weighted_map, params, retain_graph=with_caption_loss)  # embeds reused below
         map_grads.append(g_map)
         if with_caption_loss:
@@ -193,7 +193,9 @@ def diagnose_main(argv: list[str] | None = None) -> dict:
     keep, texts = [i for i, _ in captioned], [text for _, text in captioned]
     model = build_model(cfg, encoder, llm, texts)
     if args.connector:
-        load_weights_into(model.connector, args.connector)
+        from ..models.bundle import read_bundle
+
+        load_weights_into(model.connector, read_bundle(args.connector)["adapters"]["connector"])
     result = assignment_diagnostics(
         model, features[keep], texts, batch_size=args.batch_size or cfg.train.batch_size,
         batches=args.batches, with_caption_loss=not args.no_caption_loss, seed=cfg.train.seed,

@@ -53,8 +53,8 @@ def evaluate_connector(
     if unknown:
         raise ValueError(f"unknown eval tasks {sorted(unknown)}; accepted: {list(TASKS)}")
     if model is None:
-        model = VisionLanguageModel.from_connector(connector_dir)
-    meta = VisionLanguageModel.connector_metadata(connector_dir)
+        model = VisionLanguageModel.from_pretrained(connector_dir)
+    meta = VisionLanguageModel.bundle_parts(connector_dir)
     source = ImageSource(data)
     features = source_features(source, model.encoder, meta["encoder"], feature_cache or data.feature_cache)
     n = features.shape[0]

@@ -1,9 +1,13 @@
 """``FrozenLM``: a frozen Hugging Face causal LM that reads image embeddings in place of ``<image>``.
 
-A prompt holds one ``<image>`` placeholder per image. It is expanded into ``N`` placeholder positions
-(N = tokens per image from the connector); :meth:`FrozenLM.embed` writes the image embeddings there,
-after checking that the counts agree. The placeholder never enters the vocabulary, so the LM's
-embedding matrix is untouched.
+A prompt holds one ``<image>`` placeholder per image. It is expanded into ``N_b`` placeholder positions
+(N_b = that sample's image tokens from the connector; samples may differ); :meth:`FrozenLM.embed` writes
+the image embeddings there, after checking that the counts agree. The placeholder never enters the
+vocabulary, so the LM's embedding matrix is untouched.
+
+The LM stays frozen unless a recipe asks for exactly two kinds of trainable weights, both saved on their
+own as one adapter folder (:meth:`FrozenLM.save_trainable`): rows for added special tokens
+(:meth:`FrozenLM.add_special_tokens`, e.g. READ's ``<SEG>``) and LoRA through peft (:meth:`FrozenLM.add_lora`).
 
 Training sequences are ``[prompt with image positions][target][eos]`` with the loss on the target only;
 generation left-pads the prompts, encodes the whole prefix (image included) once, then decodes token by
@@ -12,17 +16,45 @@ token from the KV cache.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 IMAGE_TOKEN = "<image>"
+# Where an image goes in a prompt that also holds user text: templates put IMAGE_SLOT (a private-use
+# character) in place of IMAGE_TOKEN before inserting the text, so a user's literal "<image>" stays text.
+IMAGE_SLOT = "\ue000"
 IGNORE_INDEX = -100
+TRAINABLE_KIND = "llm_trainable"  # adapter.json kind of the folder save_trainable writes
+
+
+@dataclass
+class LoRASpec:
+    """LoRA on the LM through peft (``LoraConfig``): rank, alpha, dropout, the module names it wraps."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass
+class LMOutput:
+    """What one forward pass over an :class:`LMBatch` gives: ``loss`` (mean next-token cross-entropy over the
+    targets, None without labels), the last layer's ``hidden_states`` (B, L, d) and the batch itself (its
+    ``input_ids`` and ``image_mask`` locate the image tokens and e.g. an added ``<SEG>`` token)."""
+
+    loss: Tensor | None
+    hidden_states: Tensor
+    batch: LMBatch
+    extras: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +104,10 @@ class FrozenLM(nn.Module):
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
         # Any id works as the placeholder: its embedding is overwritten before the LM sees it.
         self.placeholder_id = self.pad_token_id
+        self.special_tokens: list[str] = []
+        self.new_rows: nn.Parameter | None = None  # (n, d) rows of the added special tokens
+        self.lora: LoRASpec | None = None
+        self._newline_ids: Tensor | None = None
 
     @classmethod
     def from_pretrained(
@@ -104,6 +140,114 @@ class FrozenLM(nn.Module):
         """The input word-embedding matrix (V, d) (VLAP's prototypes)."""
         return self.model.get_input_embeddings().weight
 
+    # ------------------------------------------------------------------ the only trainable parts
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add ``tokens`` (e.g. ``["<SEG>"]``) to the tokenizer with new embedding rows, the only LM rows that
+        train (initialised to the mean of the existing rows; tied LMs score them with the same rows).
+        Returns their ids. Can be called once."""
+        from .new_tokens import NewTokenEmbedding, NewTokenHead
+
+        if self.new_rows is not None:
+            raise ValueError(f"special tokens were already added ({self.special_tokens}); add them all in one call")
+        tokens = list(tokens)
+        if not tokens or len(set(tokens)) != len(tokens) or IMAGE_TOKEN in tokens:
+            raise ValueError(f"special tokens must be distinct, non-empty and not {IMAGE_TOKEN!r}; got {tokens}")
+        known = [t for t in tokens if t in self.tokenizer.get_vocab()]
+        if known:
+            raise ValueError(f"{known} already in the tokenizer's vocabulary; pick new token strings")
+        self.tokenizer.add_tokens(tokens, special_tokens=True)
+        ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(tokens))
+        base_in, base_out = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        init = base_in.weight.detach().mean(0, keepdim=True).repeat(len(tokens), 1)
+        self.new_rows = nn.Parameter(init.clone())
+        vocab = max(base_in.weight.shape[0], int(ids.max()) + 1)
+        self.model.set_input_embeddings(NewTokenEmbedding(base_in, ids, self.new_rows))
+        self.model.set_output_embeddings(NewTokenHead(base_out, ids, self.new_rows, vocab))
+        self.special_tokens = tokens
+        self._no_memo()
+        return ids.tolist()
+
+    def add_lora(self, spec: LoRASpec | None = None) -> None:
+        """Wrap the LM's ``spec.target_modules`` with LoRA through peft (``inject_adapter_in_model``)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if self.lora is not None:
+            raise ValueError("LoRA is already on this LM")
+        spec = spec or LoRASpec()
+        config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                            target_modules=list(spec.target_modules))
+        try:
+            inject_adapter_in_model(config, self.model)
+        except ValueError as err:
+            raise ValueError(f"LoRA target modules {list(spec.target_modules)} not found in the LM ({err})") from None
+        self.lora = spec
+        self._no_memo()
+
+    def _no_memo(self) -> None:
+        self.text_feature_memo = 0  # the LM now changes while training: remembered features would go stale
+        self._memo.clear()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The added token rows and the LoRA weights (empty for a plain frozen LM)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The trainable weights with plain keys: ``new_tokens`` and the LoRA tensors under their module paths."""
+        state = {}
+        if self.new_rows is not None:
+            state["new_tokens"] = self.new_rows.detach()
+        if self.lora is not None:
+            from peft import get_peft_model_state_dict
+
+            state.update(get_peft_model_state_dict(self.model, save_embedding_layers=False))
+        return state
+
+    def save_trainable(self, directory: str | os.PathLike, *, metadata: dict | None = None) -> Path:
+        """Write the added tokens and LoRA as an adapter folder (``adapter.json`` + ``adapter.safetensors``)."""
+        from safetensors.torch import save
+
+        from ..config import atomic_write_bytes, atomic_write_text
+
+        directory = Path(directory)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        atomic_write_bytes(directory / "adapter.safetensors", save(state))
+        config = {"special_tokens": self.special_tokens, "lora": None if self.lora is None else vars(self.lora)}
+        payload = {"kind": TRAINABLE_KIND, "config": config, "metadata": metadata or {}}
+        atomic_write_text(directory / "adapter.json", json.dumps(payload, indent=2, sort_keys=True, default=list) + "\n")
+        return directory
+
+    def load_trainable(self, directory: str | os.PathLike) -> None:
+        """Add the tokens / LoRA a :meth:`save_trainable` folder describes (unless already added) and load them."""
+        from ..adapters import read_safetensors
+
+        directory = Path(directory)
+        path = directory / "adapter.json"
+        payload = json.loads(path.read_text()) if path.is_file() else {}
+        if payload.get("kind") != TRAINABLE_KIND:
+            raise ValueError(f"{path} does not describe an LM's trainable weights (kind {payload.get('kind')!r}, "
+                             f"expected {TRAINABLE_KIND!r})")
+        config = payload["config"]
+        if config.get("special_tokens") and not self.special_tokens:
+            self.add_special_tokens(config["special_tokens"])
+        if config.get("special_tokens", []) != self.special_tokens:
+            raise ValueError(f"{path} holds rows for {config['special_tokens']}, this LM has {self.special_tokens}")
+        if config.get("lora") and self.lora is None:
+            spec = dict(config["lora"])
+            spec["target_modules"] = tuple(spec["target_modules"])
+            self.add_lora(LoRASpec(**spec))
+        state = read_safetensors(directory / "adapter.safetensors")
+        expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != got:
+            raise ValueError(f"{directory} does not fit this LM: it holds {got}, the LM's trainable weights are {expected}")
+        if "new_tokens" in state:
+            with torch.no_grad():
+                self.new_rows.copy_(state.pop("new_tokens"))
+        if self.lora is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, state)
+
     # ------------------------------------------------------------------ tokenisation
     def format_prompt(self, prompt: str) -> str:
         if not self.chat_template:
@@ -123,7 +267,7 @@ class FrozenLM(nn.Module):
     def prompt_ids(self, prompt: str, num_image_tokens: int, num_images: int = 1) -> tuple[list[int], list[bool]]:
         """Token ids of one formatted prompt with each ``<image>`` expanded to ``num_image_tokens`` slots."""
         text = self.format_prompt(prompt)
-        pieces = text.split(IMAGE_TOKEN)
+        pieces = text.split(IMAGE_SLOT if IMAGE_SLOT in text else IMAGE_TOKEN)
         if len(pieces) - 1 != num_images:
             raise ValueError(
                 f"prompt {prompt!r} has {len(pieces) - 1} '{IMAGE_TOKEN}' placeholders for {num_images} image(s); "
@@ -154,18 +298,23 @@ class FrozenLM(nn.Module):
     def build_batch(
         self,
         prompts: Sequence[str],
-        num_image_tokens: int,
+        num_image_tokens: int | Sequence[int],
         targets: Sequence[str] | None = None,
         *,
         padding_side: str | None = None,
     ) -> LMBatch:
-        """Pad a batch. Training (with targets) pads on the right; generation on the left."""
+        """Pad a batch. ``num_image_tokens``: one count for every sample, or one per sample (connectors whose
+        token count depends on the input). Training (with targets) pads on the right; generation on the left."""
         if targets is not None and len(targets) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        counts = [num_image_tokens] * len(prompts) if isinstance(num_image_tokens, int) else list(num_image_tokens)
+        if len(counts) != len(prompts) or any(int(c) < 0 for c in counts):
+            raise ValueError(f"num_image_tokens must be one count >= 0 or one per prompt ({len(prompts)}), got "
+                             f"{num_image_tokens!r}")
         side = padding_side or ("right" if targets is not None else "left")
         rows = []
         for i, prompt in enumerate(prompts):
-            ids, img = self.prompt_ids(prompt, num_image_tokens)
+            ids, img = self.prompt_ids(prompt, int(counts[i]))
             labels = [IGNORE_INDEX] * len(ids)
             if targets is not None:
                 tgt = self.target_ids(targets[i])
@@ -186,9 +335,12 @@ class FrozenLM(nn.Module):
         return LMBatch(input_ids, attention, image_mask, labels if targets is not None else None)
 
     # ------------------------------------------------------------------ embedding and losses
-    def embed(self, batch: LMBatch, image_embeds: Tensor | None) -> Tensor:
-        """(B, L, d) input embeddings with the image slots filled from ``image_embeds`` (B, N, d)."""
+    def embed(self, batch: LMBatch, image_embeds: Tensor | None, image_mask: Tensor | None = None) -> Tensor:
+        """(B, L, d) input embeddings with the image slots filled from ``image_embeds`` (B, N, d); with
+        ``image_mask`` (B, N), only each sample's True tokens fill its slots, in order."""
         embeds = self.model.get_input_embeddings()(batch.input_ids)  # (B, L, d)
+        if image_embeds is not None and image_mask is not None:
+            image_embeds = image_embeds[image_mask.to(torch.bool)].unsqueeze(0)  # (1, sum of counts, d)
         slots = int(batch.image_mask.sum())
         given = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
         if slots != given:
@@ -206,19 +358,27 @@ class FrozenLM(nn.Module):
         embeds = embeds.masked_scatter(batch.image_mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
         return embeds
 
-    def caption_loss(self, batch: LMBatch, image_embeds: Tensor | None) -> Tensor:
-        """Mean next-token cross-entropy over target tokens (the prompt and image are context only)."""
-        if batch.labels is None:
-            raise ValueError("caption_loss needs a batch built with targets")
-        embeds = self.embed(batch, image_embeds)
+    def forward(self, batch: LMBatch, image_embeds: Tensor | None, image_mask: Tensor | None = None) -> LMOutput:
+        """One pass over ``batch`` with the image slots filled: the last hidden states (B, L, d) and, when the
+        batch has targets, their mean next-token cross-entropy (the prompt and image are context only)."""
+        embeds = self.embed(batch, image_embeds, image_mask)
         hidden = self.model.get_decoder()(
             inputs_embeds=embeds, attention_mask=batch.attention_mask
         ).last_hidden_state  # (B, L, d)
-        # position t predicts token t + 1: keep only positions whose next token is a target
-        next_labels = batch.labels[:, 1:]
-        keep = next_labels != IGNORE_INDEX  # (B, L-1)
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # (T, V)
-        return F.cross_entropy(logits.float(), next_labels[keep])
+        loss = None
+        if batch.labels is not None:
+            # position t predicts token t + 1: keep only positions whose next token is a target
+            next_labels = batch.labels[:, 1:]
+            keep = next_labels != IGNORE_INDEX  # (B, L-1)
+            logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # (T, V)
+            loss = F.cross_entropy(logits.float(), next_labels[keep])
+        return LMOutput(loss=loss, hidden_states=hidden, batch=batch)
+
+    def caption_loss(self, batch: LMBatch, image_embeds: Tensor | None, image_mask: Tensor | None = None) -> Tensor:
+        """Mean next-token cross-entropy over target tokens (see :meth:`forward`)."""
+        if batch.labels is None:
+            raise ValueError("caption_loss needs a batch built with targets")
+        return self(batch, image_embeds, image_mask).loss
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> Tensor:
@@ -261,18 +421,33 @@ class FrozenLM(nn.Module):
         batch: LMBatch,
         image_embeds: Tensor | None,
         *,
+        image_mask: Tensor | None = None,
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        stop_at_newline: bool = True,
     ) -> list[str]:
-        """Decode continuations of a left-padded batch. The prefix is encoded once; then one token per step."""
+        """Decode continuations of a left-padded batch. The prefix is encoded once; then one token per step.
+        Each row stops at eos and, with ``stop_at_newline``, at the first line break (the text after it,
+        e.g. a second "Question:", is dropped)."""
         ids = self.generate_ids(
-            batch, image_embeds, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, generator=generator,
+            batch, image_embeds, image_mask=image_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, generator=generator, stop_at_newline=stop_at_newline,
         )
-        return [self.tokenizer.decode(row[row != self.pad_token_id], skip_special_tokens=True).strip() for row in ids]
+        texts = [self.tokenizer.decode(row[row != self.pad_token_id], skip_special_tokens=True) for row in ids]
+        if stop_at_newline:
+            texts = [t.strip().split("\n", 1)[0] for t in texts]
+        return [t.strip() for t in texts]
+
+    def newline_token_ids(self) -> Tensor:
+        """Ids of every vocabulary token whose text holds a line break (computed once per LM)."""
+        if self._newline_ids is None:
+            vocab = self.tokenizer.get_vocab()
+            found = [i for tok, i in vocab.items() if "\n" in self.tokenizer.convert_tokens_to_string([tok])]
+            self._newline_ids = torch.tensor(sorted(found), dtype=torch.long)
+        return self._newline_ids
 
     @torch.no_grad()
     def generate_ids(
@@ -280,18 +455,21 @@ class FrozenLM(nn.Module):
         batch: LMBatch,
         image_embeds: Tensor | None,
         *,
+        image_mask: Tensor | None = None,
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         stop_at_eos: bool = True,
+        stop_at_newline: bool = False,
     ) -> Tensor:
-        """(B, T) new token ids (eos and everything after it replaced by the pad id)."""
+        """(B, T) new token ids (eos and everything after it replaced by the pad id; with ``stop_at_newline``,
+        a row also finishes after its first token holding a line break)."""
         mask = batch.attention_mask
         if (mask[:, -1] == 0).any():
             raise ValueError("generation needs left-padded prompts (build_batch(..., padding_side='left'))")
-        embeds = self.embed(batch, image_embeds)
+        embeds = self.embed(batch, image_embeds, image_mask)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         out = self.model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
@@ -299,6 +477,7 @@ class FrozenLM(nn.Module):
         cache, logits = out.past_key_values, out.logits[:, -1]
         B = embeds.shape[0]
         finished = torch.zeros(B, dtype=torch.bool, device=embeds.device)
+        newline = self.newline_token_ids().to(embeds.device) if stop_at_newline else None
         next_pos = positions[:, -1:] + 1
         new_tokens = []
         for _ in range(max_new_tokens):
@@ -308,6 +487,8 @@ class FrozenLM(nn.Module):
                 finished = finished | (token == self.eos_token_id)
                 token = torch.where(token == self.eos_token_id, torch.full_like(token, self.pad_token_id), token)
             new_tokens.append(token)
+            if newline is not None:
+                finished = finished | torch.isin(token, newline)
             if finished.all():
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

@@ -1,8 +1,9 @@
 """``VisionLanguageModel``: frozen vision encoder -> trainable connector -> frozen LLM.
 
-Only the connector trains and only the connector is saved (``connector.safetensors`` + ``connector.json``,
-the JSON also records the encoder spec, the LLM name and the prompts, so ``from_connector`` rebuilds the
-whole model from the folder).
+Only the connector trains and only the connector is saved: :meth:`VisionLanguageModel.save_pretrained`
+writes a bundle (``bundle.json`` naming the encoder spec, the LLM and the prompts, plus the connector's
+adapter folder; see :mod:`mmkit.models.bundle`), and :meth:`VisionLanguageModel.from_pretrained` rebuilds
+the whole model from it (or from a single connector folder written by older mmkit).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..connectors.base import Connector, load_connector, read_connector_json
-from ..llm.frozen import IMAGE_TOKEN, FrozenLM
+from ..connectors.base import Connector, LossContext, load_connector, masked_mean
+from ..llm.frozen import IMAGE_SLOT, IMAGE_TOKEN, FrozenLM
 from ..losses.assignment import prototype_scores
+from .bundle import read_bundle, write_bundle
 
 CAPTION_PROMPT = f"{IMAGE_TOKEN}Caption:"
 VQA_PROMPT = f"{IMAGE_TOKEN}Question: {{question}} Answer:"
@@ -57,7 +59,7 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_connector(
+    def from_pretrained(
         cls,
         directory: str | os.PathLike,
         *,
@@ -65,38 +67,52 @@ class VisionLanguageModel(nn.Module):
         llm: FrozenLM | None = None,
         load_encoder: bool = True,
     ) -> VisionLanguageModel:
-        """Rebuild the model around a saved connector; encoder and LLM come from its metadata unless given."""
-        connector, meta = load_connector(directory)
+        """Rebuild the model from a bundle folder (or an older single-connector folder): the connector's
+        weights from the folder, the encoder and the LLM from the specs it names unless given."""
+        bundle = read_bundle(directory)
+        if "connector" not in bundle["adapters"]:
+            raise ValueError(f"{directory}: the bundle holds no connector (adapters: {sorted(bundle['adapters'])})")
+        connector, _ = load_connector(bundle["adapters"]["connector"])
+        parts = bundle["parts"]
         if encoder is None and load_encoder:
-            if "encoder" not in meta:
-                raise ValueError(f"{directory}: connector metadata names no encoder; pass encoder=")
+            if "encoder" not in parts:
+                raise ValueError(f"{directory}: the bundle names no encoder; pass encoder=")
             from ..encoders import load_encoder as _load_encoder
 
-            enc = meta["encoder"]
+            enc = parts["encoder"]
             encoder = _load_encoder(enc["spec"], **{k: v for k, v in enc.items() if k != "spec"})
         if llm is None:
-            if "llm" not in meta:
-                raise ValueError(f"{directory}: connector metadata names no LLM; pass llm=")
-            llm = FrozenLM.from_pretrained(meta["llm"]["name"], chat_template=meta["llm"].get("chat_template", False))
-        prompts = meta.get("prompts", {})
+            if "llm" not in parts:
+                raise ValueError(f"{directory}: the bundle names no LLM; pass llm=")
+            llm = FrozenLM.from_pretrained(parts["llm"]["name"], chat_template=parts["llm"].get("chat_template", False))
+        prompts = parts.get("prompts", {})
         return cls(
             encoder, connector, llm,
             caption_prompt=prompts.get("caption", CAPTION_PROMPT), vqa_prompt=prompts.get("vqa", VQA_PROMPT),
         )
 
-    def save_connector(self, directory: str | os.PathLike, *, llm_name: str, extra: dict | None = None) -> Path:
-        meta = {
+    from_connector = from_pretrained  # the name earlier versions used
+
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, llm_name: str, encoder: dict | None = None, metadata: dict | None = None
+    ) -> Path:
+        """Write a bundle: the connector's adapter folder plus ``bundle.json`` naming the encoder (its spec, or
+        ``encoder`` = {"spec": ..., load options}), the LLM ``llm_name`` and the prompts."""
+        parts = {
             "llm": {"name": llm_name, "chat_template": self.llm.chat_template},
             "prompts": {"caption": self.caption_prompt, "vqa": self.vqa_prompt},
         }
-        if self.encoder is not None and hasattr(self.encoder, "spec"):
-            meta["encoder"] = {"spec": self.encoder.spec, **getattr(self.encoder, "load_kwargs", {})}
-        meta.update(extra or {})
-        return self.connector.save(directory, metadata=meta)
+        if encoder is not None:
+            parts["encoder"] = encoder
+        elif self.encoder is not None and hasattr(self.encoder, "spec"):
+            parts["encoder"] = {"spec": self.encoder.spec, **getattr(self.encoder, "load_kwargs", {})}
+        return write_bundle(directory, kind="vlm", parts=parts, adapters={"connector": self.connector},
+                            metadata=metadata)
 
     @staticmethod
-    def connector_metadata(directory: str | os.PathLike) -> dict:
-        return read_connector_json(directory).get("metadata", {})
+    def bundle_parts(directory: str | os.PathLike) -> dict:
+        """The frozen parts a saved model names: {"encoder": {"spec", ...}, "llm": {"name", ...}, "prompts"}."""
+        return read_bundle(directory)["parts"]
 
     # ------------------------------------------------------------------ pieces
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -109,10 +125,13 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("this model was built without an encoder; pass precomputed features instead")
         return self.encoder.encode(images).tokens
 
-    def image_embeds(self, features: Tensor) -> Tensor:
-        """(B, N, Dv) -> (B, N', d) LLM input embeddings."""
+    def image_embeds(self, features: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Encoder tokens (B, N, Dv) with an optional (B, N) mask -> LLM input embeddings (B, M, d) and their
+        (B, M) mask (None: every sample has all M)."""
         dtype = self.llm.word_embeddings().dtype
-        return self.connector(features.to(self.connector_device)).to(dtype)
+        device = self.connector_device
+        tokens, out_mask = self.connector(features.to(device), None if mask is None else mask.to(device))
+        return tokens.to(dtype), out_mask
 
     @property
     def connector_device(self) -> torch.device:
@@ -126,20 +145,19 @@ class VisionLanguageModel(nn.Module):
         targets: Sequence[str],
         *,
         alignment_texts: Sequence[str | None] | None = None,
+        feature_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Losses for one batch. features (B, N, Dv); ``alignment_texts[i]`` is the caption paired with
-        image i for the connector's auxiliary objective (None to skip that sample)."""
-        embeds = self.image_embeds(features)  # (B, N, d)
-        batch = self.llm.build_batch(prompts, embeds.shape[1], targets).to(self.llm.device)
-        out = {"caption_loss": self.llm.caption_loss(batch, embeds)}
+        """Losses for one batch. features (B, N, Dv) (+ ``feature_mask`` (B, N)); ``alignment_texts[i]`` is the
+        caption paired with image i for the connector's own objective (None to skip that sample).
+        Returns {"loss", "caption_loss", and the connector's logged terms}."""
+        embeds, mask = self.image_embeds(features, feature_mask)  # (B, M, d), (B, M) or None
+        batch = self.llm.build_batch(prompts, _token_counts(embeds, mask), targets).to(self.llm.device)
+        out = {"caption_loss": self.llm.caption_loss(batch, embeds, mask)}
         total = out["caption_loss"]
-        if self.connector.needs_text_features and alignment_texts is not None:
-            keep = [i for i, t in enumerate(alignment_texts) if t]
-            if len(keep) >= 2:  # Sinkhorn's equipartition needs a batch
-                text_features = self.llm.text_features([alignment_texts[i] for i in keep])
-                aux = self.connector.auxiliary_loss(embeds[keep], text_features, self.llm.word_embeddings())
-                out.update({k: v for k, v in aux.items() if k != "weighted"})
-                total = total + aux["weighted"]
+        aux = self.connector.losses(embeds, mask, LossContext(llm=self.llm, texts=alignment_texts))
+        if aux is not None:
+            out.update(aux.logged)
+            total = total + aux.total
         out["loss"] = total
         return out
 
@@ -149,30 +167,76 @@ class VisionLanguageModel(nn.Module):
         self,
         prompts: Sequence[str],
         *,
+        images: Sequence | str | os.PathLike | None = None,
         features: Tensor | None = None,
-        images: Sequence | None = None,
+        feature_mask: Tensor | None = None,
         max_new_tokens: int = 24,
-        **sampling,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        stop_at_newline: bool = True,
     ) -> list[str]:
+        """Continue each prompt (one ``<image>`` each) about its image; returns one string per prompt.
+
+        images: paths, PIL images or (H, W, 3) arrays (one per prompt; a single one is accepted as is), or
+        features: precomputed encoder tokens (B, N, Dv) (+ ``feature_mask`` (B, N)). Greedy by default;
+        ``do_sample`` with ``temperature`` / ``top_p`` (and a ``generator`` for repeatability) samples. A
+        continuation ends at eos, after ``max_new_tokens``, or at its first line break (``stop_at_newline``).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if features is None:
             if images is None:
                 raise ValueError("generate needs images= or features=")
-            features = self.image_features(images)
+            features = self.image_features(_as_list(images))
         if features.shape[0] != len(prompts):
             raise ValueError(f"{features.shape[0]} images for {len(prompts)} prompts")
-        embeds = self.image_embeds(features)
-        batch = self.llm.build_batch(prompts, embeds.shape[1]).to(self.llm.device)
-        return self.llm.generate(batch, embeds, max_new_tokens=max_new_tokens, **sampling)
+        embeds, mask = self.image_embeds(features, feature_mask)
+        batch = self.llm.build_batch(prompts, _token_counts(embeds, mask)).to(self.llm.device)
+        return self.llm.generate(batch, embeds, image_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 temperature=temperature, top_p=top_p, generator=generator,
+                                 stop_at_newline=stop_at_newline)
 
-    def caption(self, *, images: Sequence | None = None, features: Tensor | None = None, **kw) -> list[str]:
-        n = features.shape[0] if features is not None else len(images)
-        return self.generate([self.caption_prompt] * n, images=images, features=features, **kw)
+    def caption(
+        self,
+        *,
+        images: Sequence | str | os.PathLike | None = None,
+        features: Tensor | None = None,
+        max_new_tokens: int = 24,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> list[str]:
+        """One caption per image (paths, PIL images, arrays; or ``features`` (B, N, Dv)), with the model's
+        caption prompt. See :meth:`generate` for the decoding options."""
+        n = features.shape[0] if features is not None else len(_as_list(images)) if images is not None else 0
+        return self.generate([self.caption_prompt] * n, images=images, features=features, max_new_tokens=max_new_tokens,
+                             do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
 
     def answer(
-        self, questions: Sequence[str], *, images: Sequence | None = None, features: Tensor | None = None, **kw
+        self,
+        questions: Sequence[str] | str,
+        *,
+        images: Sequence | str | os.PathLike | None = None,
+        features: Tensor | None = None,
+        max_new_tokens: int = 6,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
     ) -> list[str]:
-        prompts = [self.vqa_prompt.format(question=q.strip()) for q in questions]
-        return self.generate(prompts, images=images, features=features, max_new_tokens=kw.pop("max_new_tokens", 6), **kw)
+        """Answer ``questions[i]`` about image i (or ``features[i]``), with the model's VQA prompt. Questions are
+        plain text: a literal ``<image>`` or ``{`` in them is kept as text. See :meth:`generate`."""
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        empty = [i for i, q in enumerate(questions) if not q.strip()]
+        if empty:
+            raise ValueError(f"question {empty[0]} is empty; ask something about the image")
+        template = self.vqa_prompt.replace(IMAGE_TOKEN, IMAGE_SLOT)
+        prompts = [template.replace("{question}", q.strip()) for q in questions]
+        return self.generate(prompts, images=images, features=features, max_new_tokens=max_new_tokens,
+                             do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
 
     @torch.no_grad()
     def retrieval_similarity(
@@ -196,7 +260,7 @@ class VisionLanguageModel(nn.Module):
                              f"this one is {self.connector.kind!r}: use method='cosine'")
         prototypes = self.llm.word_embeddings()
         code_v = torch.cat([
-            prototype_scores(self.image_embeds(features[i : i + batch_size]).mean(1), prototypes)
+            prototype_scores(masked_mean(*self.image_embeds(features[i : i + batch_size])), prototypes)
             for i in range(0, features.shape[0], batch_size)
         ])  # (I, V)
         code_t = torch.cat([
@@ -212,3 +276,16 @@ class VisionLanguageModel(nn.Module):
         log_p_v = F.log_softmax(code_v / tau, dim=-1)  # (I, V)
         log_p_t = F.log_softmax(code_t / tau, dim=-1)  # (T, V)
         return 0.5 * (log_p_v @ q_t.t() + q_v @ log_p_t.t())
+
+
+def _token_counts(embeds: Tensor, mask: Tensor | None) -> int | list[int]:
+    """Image tokens per sample: all of ``embeds``' (B, M, d) when there is no mask, else each row's True count
+    (read on the host: the prompt layout depends on it)."""
+    return embeds.shape[1] if mask is None else mask.sum(dim=1).tolist()
+
+
+def _as_list(images) -> list:
+    """One image given on its own (a path, a PIL image, an array) -> [image]; a sequence of them as a list."""
+    if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert") or getattr(images, "ndim", 0) == 3:
+        return [images]
+    return list(images)

@@ -81,17 +81,13 @@ def source_features(source: ImageSource, encoder, encoder_info: dict, cache_dir:
 
 
 def build_model(cfg: VLMTrainConfig, encoder, llm, caption_texts: list[str]) -> VisionLanguageModel:
+    """The model of ``cfg`` around a fresh connector, prepared on the training captions (VLAP's prior)."""
     from ..connectors import build_connector
-    from ..losses import word_frequency_prior
 
     connector = build_connector(
         cfg.model.connector, vision_dim=encoder.dim, llm_dim=llm.hidden_size, **cfg.model.connector_options
     )
-    if getattr(connector.config, "prior", None) == "frequency":
-        ids = [llm.caption_token_ids(t) for t in caption_texts]
-        connector.set_prior(
-            word_frequency_prior(ids, llm.vocab_size, temperature=connector.config.prior_temperature)
-        )
+    connector.prepare(llm=llm, texts=caption_texts)
     return VisionLanguageModel(
         encoder, connector, llm, caption_prompt=cfg.model.caption_prompt, vqa_prompt=cfg.model.vqa_prompt
     )
@@ -154,30 +150,32 @@ class VLMTask(TrainingTask):
     def step(self, batch) -> dict[str, torch.Tensor]:
         return self.model(batch["features"], batch["prompt"], batch["target"], alignment_texts=batch["align"])
 
-    def _write_connector(self, folder: Path) -> None:
-        unwrapped = self.unwrapped()
-        VisionLanguageModel(None, unwrapped, self.model.llm, caption_prompt=self.model.caption_prompt,
-                            vqa_prompt=self.model.vqa_prompt).save_connector(folder, llm_name=self.cfg.model.llm,
-                                                                             extra=self.meta)
+    def _write_bundle(self, folder: Path) -> None:
+        model = VisionLanguageModel(None, self.unwrapped(), self.model.llm, caption_prompt=self.model.caption_prompt,
+                                    vqa_prompt=self.model.vqa_prompt)
+        model.save_pretrained(folder, llm_name=self.cfg.model.llm, encoder=self.meta["encoder"],
+                              metadata={"training": self.meta["training"]})
 
     def save_checkpoint(self, folder: Path) -> dict:
-        self._write_connector(folder)
+        self._write_bundle(folder)
         return {}
 
     def load_checkpoint(self, folder: Path, state: dict) -> None:
         from ..connectors import load_weights_into
+        from ..models.bundle import read_bundle
 
-        load_weights_into(self.unwrapped(), folder)
+        load_weights_into(self.unwrapped(), read_bundle(folder)["adapters"]["connector"])
 
     def save_final(self, folder: Path) -> None:
-        self._write_connector(folder)
+        self._write_bundle(folder)
 
 
 def train_vlm(cfg: VLMTrainConfig, *, resume: bool = False, overwrite: bool = False, command: str | None = None) -> Path:
     """Run training; returns the folder of the final connector (``output_dir/final``)."""
-    from ..connectors import CONNECTORS
+    from ..connectors import build_connector
 
-    CONNECTORS.get(cfg.model.connector)  # a typo fails here, before minutes of feature caching
+    # a typo in the connector or its options fails here, before minutes of feature caching
+    build_connector(cfg.model.connector, vision_dim=1, llm_dim=1, **cfg.model.connector_options)
     loop = TrainingLoop(cfg.train, run_config=cfg, resume=resume, overwrite=overwrite, command=command)
     return loop.run(VLMTask(cfg, loop))
 
