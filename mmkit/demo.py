@@ -40,7 +40,6 @@ def run_core_showcase() -> None:
     from .ops.tome import bipartite_soft_matching_2d
 
     torch.manual_seed(0)
-    torch.set_grad_enabled(False)
     print("1) every available backend vs the eager float64 oracle (B2 Lq7 Lk9 H4 Hkv2 D24, padding + frames):")
     q, k, v = torch.randn(2, 7, 4, 24), torch.randn(2, 9, 2, 24), torch.randn(2, 9, 2, 24)
     mask = key_padding(torch.tensor([9, 5]), 9) & block_causal((2, 3))
@@ -111,7 +110,6 @@ def run_vlm_demo(connector: Path | None, out_dir: Path, num_scenes: int) -> Path
     from .eval.vqa import vqa_accuracy
     from .models import VisionLanguageModel
 
-    torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     if connector is None:
         connector = ASSET_CONNECTOR
@@ -204,9 +202,10 @@ def _demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    if args.core:
-        run_core_showcase()
-    else:
-        run_vlm_demo(args.connector, args.out, args.scenes)
+    with torch.no_grad():  # inference only (a context, so callers' autograd state is left as it was)
+        if args.core:
+            run_core_showcase()
+        else:
+            run_vlm_demo(args.connector, args.out, args.scenes)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -26,8 +26,37 @@ def test_yaml_and_dotted_overrides(tmp_path):
         apply_overrides({}, ["oops"])
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_config(VLMTrainConfig, tmp_path / "nope.yaml")
-    with pytest.raises(ValueError, match="data.source"):
+    with pytest.raises(ValueError, match="unknown data.source 'laion'"):
         load_config(VLMTrainConfig, None, ["data.source=laion"])
+    with pytest.raises(ValueError, match="unknown key 'render_sise'; did you mean 'render_size'"):
+        load_config(VLMTrainConfig, None, ["data.options.render_sise=30"])
+    with pytest.raises(ValueError, match="unknown key 'render_size'.*captions, images"):  # options are per source
+        load_config(VLMTrainConfig, None, ["data.source=coco", "data.options.render_size=30"])
+
+
+def test_every_registered_data_source_follows_the_protocol(tmp_path):
+    """Each source: ids, images, texts and examples line up; file sources read the formats ShapesWorld exports."""
+    from mmkit.data import ShapesWorld, ShapesWorldConfig, export_coco_captions, export_vqa
+    from mmkit.data.sources import SOURCES, DataConfig, open_source
+
+    world = ShapesWorld(ShapesWorldConfig(image_size=32), split="val", size=3)
+    coco, vqa = export_coco_captions(world, tmp_path / "coco"), export_vqa(world, tmp_path / "vqa")
+    options = {
+        "shapesworld": {"render_size": 32},
+        "coco": {"captions": str(coco), "images": str(coco.parent / "images")},
+        "vqa": {"questions": str(vqa[0]), "annotations": str(vqa[1]), "images": str(vqa[0].parent / "images")},
+    }
+    assert set(options) == set(SOURCES.names()), "a new source needs a case here"
+    for name in SOURCES.names():
+        source = open_source(DataConfig(source=name, split="val", size=3, options=options[name],
+                                        tasks={"caption": 1, "vqa": 1}))
+        assert len(source) == 3 and len(set(source.ids())) == 3
+        assert source.image(0).size[0] > 0
+        examples = source.examples(caption_prompt="<image>Caption:", vqa_prompt="<image>Q: {question} A:")
+        assert examples and all(0 <= ex.index < 3 and ex.target for ex in examples)
+        assert source.signature()["source"] == name
+    with pytest.raises(ValueError, match="needs data.options.captions, data.options.images"):
+        open_source(DataConfig(source="coco", size=3))
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
@@ -67,7 +96,7 @@ def tiny_overrides(parts, out):
     return [
         f"model.encoder=hf:{parts / 'vision'}", f"model.llm={parts / 'llm'}", "model.token_grid=2",
         "model.caption_prompt=<image> caption :", "model.vqa_prompt=<image> {question} answer :",
-        "data.size=12", "data.render_size=30", f"data.feature_cache={out / 'features'}",
+        "data.size=12", "data.options.render_size=30", f"data.feature_cache={out / 'features'}",
         f"train.output_dir={out / 'run'}", "train.batch_size=4", "train.log_every=1", "train.save_every=2",
     ]
 

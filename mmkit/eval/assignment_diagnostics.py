@@ -168,9 +168,10 @@ def diagnose_main(argv: list[str] | None = None) -> dict:
 
     from ..config import atomic_write_text
     from ..connectors import load_weights_into
+    from ..data.features import source_features
+    from ..data.sources import open_source
     from ..training.config import load_config
-    from ..training.vlm import VLMTrainConfig, build_model, encoder_meta, load_components, source_features
-    from ..training.vlm_data import ImageSource
+    from ..training.vlm import VLMTrainConfig, build_model, encoder_meta, load_components
 
     parser = argparse.ArgumentParser(description="Measure how informative VLAP's assignment targets are.")
     parser.add_argument("--config", required=True, help="a caption/VQA training yaml (model + data sections)")
@@ -187,7 +188,7 @@ def diagnose_main(argv: list[str] | None = None) -> dict:
     cfg = load_config(VLMTrainConfig, args.config, list(args.overrides))
     torch.manual_seed(cfg.train.seed)
     encoder, llm = load_components(cfg.model)
-    source = ImageSource(cfg.data)
+    source = open_source(cfg.data)
     features = source_features(source, encoder, encoder_meta(cfg.model), cfg.data.feature_cache)
     captioned = [(i, text) for i in range(len(source)) if (text := source.caption(i))]
     keep, texts = [i for i, _ in captioned], [text for _, text in captioned]

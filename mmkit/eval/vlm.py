@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -45,9 +44,9 @@ def evaluate_connector(
     model=None,
 ) -> dict:
     """Metrics dict for one connector folder on the images of ``data`` (a ``DataConfig``)."""
+    from ..data.features import source_features
+    from ..data.sources import open_source
     from ..models.vlm import VisionLanguageModel
-    from ..training.vlm import source_features
-    from ..training.vlm_data import ImageSource
 
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -55,12 +54,11 @@ def evaluate_connector(
     if model is None:
         model = VisionLanguageModel.from_pretrained(connector_dir)
     meta = VisionLanguageModel.bundle_parts(connector_dir)
-    source = ImageSource(data)
+    source = open_source(data)
     features = source_features(source, model.encoder, meta["encoder"], feature_cache or data.feature_cache)
     n = features.shape[0]
     results: dict = {"connector": str(connector_dir), "kind": model.connector.kind, "num_images": n}
     samples: dict[int, dict] = defaultdict(dict)
-    shapes = data.source == "shapesworld"
     timings = {}
 
     if "caption" in tasks:
@@ -72,56 +70,37 @@ def evaluate_connector(
         refs = {i: source.references(i) for i in range(n)}
         corpus, _ = cider_d(preds, refs)
         results["caption"] = {"CIDEr": corpus, "BLEU-4": bleu(preds, refs, 4)}
-        if shapes:
-            from ..data.shapes_language import attribute_hits, caption
-
-            hits = total = exact = 0
-            for i in range(n):
-                scene = source.dataset.scene(i)
-                h, t = attribute_hits(preds[i], scene)
-                hits, total = hits + h, total + t
-                exact += int(preds[i].strip() == caption(scene))
-            results["caption"]["attribute_accuracy"] = hits / max(total, 1)
-            results["caption"]["exact_match"] = exact / n
+        checks = [source.attribute_hits(i, preds[i]) for i in range(n)]
+        if all(c is not None for c in checks):  # the source knows every object's colour and shape
+            results["caption"]["attribute_accuracy"] = sum(h for h, _ in checks) / max(sum(t for _, t in checks), 1)
+            results["caption"]["exact_match"] = sum(preds[i].strip() == source.caption(i) for i in range(n)) / n
         for i in range(min(n, 12)):
             samples[i].update({"caption": preds[i], "references": refs[i][:3]})
         timings["caption_s"] = time.perf_counter() - t0
 
-    if "vqa" in tasks and data.source in ("shapesworld", "vqa"):
+    questions = [(i, q) for i in range(n) for q in source.questions(i, qa_per_image)] if "vqa" in tasks else []
+    if questions:
         t0 = time.perf_counter()
-        questions = []  # (image index, question, answers, kind)
-        if shapes:
-            from ..data.shapes_language import qa_pairs
-
-            for i in range(n):
-                seed = source.dataset.seed_of(i)
-                pairs = qa_pairs(source.dataset.scene(i), seed=seed)
-                for qa in random.Random(seed).sample(pairs, min(qa_per_image, len(pairs))):
-                    questions.append((i, qa.question, [qa.answer], qa.kind))
-        else:
-            for i in range(n):
-                item = source.dataset[i]
-                questions.append((i, item["question"], list(item["answers"]), item.get("question_type", "")))
         per_kind: dict[str, list[float]] = defaultdict(list)
         for a, b in tqdm(list(_batches(len(questions), batch_size * 2)), desc="answering", leave=False):
             chunk = questions[a:b]
-            idx = torch.tensor([q[0] for q in chunk])
-            answers = model.answer([q[1] for q in chunk], features=features[idx])
-            for (i, question, gold, kind), pred in zip(chunk, answers):
-                score = vqa_accuracy(pred, gold)
-                per_kind[kind].append(score)
+            idx = torch.tensor([i for i, _ in chunk])
+            answers = model.answer([q.question for _, q in chunk], features=features[idx])
+            for (i, q), pred in zip(chunk, answers):
+                score = vqa_accuracy(pred, q.answers)
+                per_kind[q.kind].append(score)
                 per_kind["overall"].append(score)
                 if i < 12 and len(samples[i].get("qa", [])) < 3:
-                    samples[i].setdefault("qa", []).append({"q": question, "pred": pred, "gold": gold[0]})
+                    samples[i].setdefault("qa", []).append({"q": q.question, "pred": pred, "gold": q.answers[0]})
         results["vqa"] = {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}
         results["vqa"]["num_questions"] = len(questions)
         timings["vqa_s"] = time.perf_counter() - t0
 
-    if "retrieval" in tasks and data.source != "vqa":
+    texts = [source.caption(i) for i in range(n)] if "retrieval" in tasks else []
+    if texts and all(t is not None for t in texts):
         from .retrieval import recall_at_k
 
         t0 = time.perf_counter()
-        texts = [source.caption(i) for i in range(n)]
         owner = torch.arange(n)
         results["retrieval"] = {}
         methods = ["cosine"] + (["assignment"] if hasattr(model.connector, "assign") else [])
@@ -174,31 +153,33 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
     """Command line shared by the caption and VQA eval recipes."""
     import argparse
 
-    from ..training.vlm_data import DataConfig
+    from ..data.sources import SOURCES, DataConfig, source_options
+    from ..training.config import parse_override
 
-    parser = argparse.ArgumentParser(description="Evaluate connector folders on held-out images.")
-    parser.add_argument("--connectors", nargs="+", required=True, help="connector folders (e.g. outputs/x/final)")
-    parser.add_argument("--source", default="shapesworld", choices=["shapesworld", "coco", "vqa"])
+    parser = argparse.ArgumentParser(description="Evaluate trained models (bundle or connector folders) on held-out images.")
+    parser.add_argument("--connectors", nargs="+", required=True, help="model folders (e.g. outputs/x/final)")
+    parser.add_argument("--source", default="shapesworld", choices=SOURCES.names())
     parser.add_argument("--split", default="test", help="ShapesWorld split (held-out seeds: val or test)")
     parser.add_argument("--size", type=int, default=500, help="number of images")
     parser.add_argument("--tasks", nargs="+", default=list(default_tasks), choices=list(TASKS))
     parser.add_argument("--qa-per-image", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--render-size", type=int, default=224)
-    parser.add_argument("--max-objects", type=int, default=3, help="ShapesWorld scenes hold 1..N objects")
+    parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                        help="a source option (repeatable), e.g. --option captions=ann.json for --source coco")
     parser.add_argument("--feature-cache", default="outputs/features")
-    parser.add_argument("--coco-captions")
-    parser.add_argument("--coco-images")
-    parser.add_argument("--vqa-questions")
-    parser.add_argument("--vqa-annotations")
-    parser.add_argument("--vqa-images")
+    shortcuts = parser.add_argument_group("shortcuts for common source options")
+    for flag, key in _OPTION_FLAGS:
+        shortcuts.add_argument(flag, dest=key, default=None, help=f"= --option {key}=...")
     parser.add_argument("--json", help="write all metrics (and sample outputs) to this file")
     args = parser.parse_args(argv)
-    data = DataConfig(
-        source=args.source, split=args.split, size=args.size, render_size=args.render_size, max_objects=args.max_objects,
-        coco_captions=args.coco_captions, coco_images=args.coco_images, vqa_questions=args.vqa_questions,
-        vqa_annotations=args.vqa_annotations, vqa_images=args.vqa_images, feature_cache=args.feature_cache,
-    )
+    accepted = source_options(args.source)
+    options = {key: parse_override(f"x={getattr(args, key)}")[1] for _, key in _OPTION_FLAGS
+               if getattr(args, key) is not None and key in accepted}
+    for item in args.options:
+        path, value = parse_override(item)
+        options[".".join(path)] = value
+    data = DataConfig(source=args.source, split=args.split, size=args.size, options=options,
+                      feature_cache=args.feature_cache)
     all_results = []
     for folder in args.connectors:
         res = evaluate_connector(folder, data, tasks=args.tasks, batch_size=args.batch_size,
@@ -210,3 +191,12 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
         atomic_write_text(args.json, json.dumps(all_results, indent=2) + "\n")
         print(f"wrote {args.json}")
     return all_results
+
+
+# (flag, option name): flags kept from earlier versions; each sets the option of the same meaning when the
+# chosen source has it.
+_OPTION_FLAGS = (
+    ("--render-size", "render_size"), ("--max-objects", "max_objects"), ("--coco-captions", "captions"),
+    ("--coco-images", "images"), ("--vqa-questions", "questions"), ("--vqa-annotations", "annotations"),
+    ("--vqa-images", "images"),
+)

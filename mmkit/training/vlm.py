@@ -7,8 +7,6 @@ connector (plus the optimizer / scheduler state the loop adds); see :mod:`mmkit.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from ..config import StrictConfig
+from ..data.features import source_features
+from ..data.sources import DataConfig, DataSource, open_source
 from ..models.vlm import CAPTION_PROMPT, VQA_PROMPT, VisionLanguageModel
-from .features import cached_features
 from .loop import TrainingLoop, TrainingTask, TrainLoopConfig, recipe_command
-from .vlm_data import DataConfig, ExampleDataset, ImageSource, collate
+from .vlm_data import ExampleDataset, collate
 
 
 @dataclass
@@ -69,17 +68,6 @@ def load_components(model_cfg: ModelConfig, *, with_encoder: bool = True):
     return encoder, llm
 
 
-def source_features(source: ImageSource, encoder, encoder_info: dict, cache_dir: str) -> torch.Tensor:
-    """Encoder tokens (num_images, N, D) for every image of ``source``, cached on disk.
-
-    ``encoder_info`` = {"spec": ..., "token_grid": ..., "image_size": ...} identifies the features.
-    """
-    signature = {"encoder": encoder_info, "data": source.signature()}
-    digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"{source.config.source}-{source.config.split}-{digest}.safetensors"
-    return cached_features(path, encoder=encoder, ids=source.ids(), load=source.image, signature=signature)
-
-
 def build_model(cfg: VLMTrainConfig, encoder, llm, caption_texts: list[str]) -> VisionLanguageModel:
     """The model of ``cfg`` around a fresh connector, prepared on the training captions (VLAP's prior)."""
     from ..connectors import build_connector
@@ -104,7 +92,7 @@ class VLMTask(TrainingTask):
         tc = cfg.train
         self.cfg, self.loop = cfg, loop
         encoder, llm = load_components(cfg.model)
-        source = ImageSource(cfg.data)
+        source = open_source(cfg.data)
         examples = source.examples(caption_prompt=cfg.model.caption_prompt, vqa_prompt=cfg.model.vqa_prompt)
         if len(examples) < tc.batch_size:
             raise ValueError(f"train.batch_size {tc.batch_size} is larger than the {len(examples)} training examples "
@@ -181,7 +169,7 @@ def train_vlm(cfg: VLMTrainConfig, *, resume: bool = False, overwrite: bool = Fa
 
 
 class _UncachedExamples(torch.utils.data.Dataset):
-    def __init__(self, examples, source: ImageSource) -> None:
+    def __init__(self, examples, source: DataSource) -> None:
         self.examples, self.source = examples, source
 
     def __len__(self) -> int:

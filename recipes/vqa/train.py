@@ -1,7 +1,7 @@
 """Train a connector on question answering (VQAv2-style data or ShapesWorld QA).
 
     accelerate launch recipes/vqa/train.py --config recipes/vqa/configs/shapes_vlap.yaml
-    accelerate launch recipes/vqa/train.py --config recipes/vqa/configs/vqav2_clip_opt.yaml data.vqa_images=...
+    accelerate launch recipes/vqa/train.py --config recipes/vqa/configs/vqav2_clip_opt.yaml data.options.images=...
 """
 
 import os

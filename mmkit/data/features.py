@@ -57,3 +57,14 @@ def cached_features(
     feats = encode_all(encoder, load, len(ids), batch_size=batch_size, desc=f"caching features -> {path.name}")
     atomic_write_bytes(path, save({"features": feats.to(dtype).contiguous()}, metadata=header))
     return feats
+
+
+def source_features(source, encoder, encoder_info: dict, cache_dir: str | os.PathLike) -> Tensor:
+    """Encoder tokens (num_images, N, D) for every image of ``source`` (a :class:`~mmkit.data.sources.DataSource`),
+    cached in ``cache_dir``. ``encoder_info`` = {"spec": ..., load options} identifies the encoder."""
+    import hashlib
+
+    signature = {"encoder": encoder_info, "data": source.signature()}
+    digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{source.config.source}-{source.config.split}-{digest}.safetensors"
+    return cached_features(path, encoder=encoder, ids=source.ids(), load=source.image, signature=signature)

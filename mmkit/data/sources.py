@@ -1,0 +1,300 @@
+"""Data sources for the vision->LLM recipes: one protocol, one registry, each source with its own options.
+
+    data = DataConfig(source="coco", split="val", size=500, options={"captions": "ann.json", "images": "val2017/"})
+    source = open_source(data)          # -> CocoSource
+    source.image(0), source.caption(0), source.references(0), source.examples(...)
+
+A source says which image (by index), which texts go with it and how it turns into training examples;
+everything else (feature caches, training, evaluation) goes through this protocol, never through a test of
+``data.source``. A new source (video clips, referring masks) is a subclass registered in :data:`SOURCES`
+with its options dataclass; ``data.options`` are checked against it (unknown keys get a did-you-mean).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ..config import StrictConfig
+from ..registry import Registry
+
+TASKS = ("caption", "vqa")
+
+
+@dataclass
+class DataConfig(StrictConfig):
+    """Where the images and texts come from.
+
+    source: a registered source ("shapesworld", "coco", "vqa"); options: that source's own settings (see
+    its ``Options`` class). split / size: which part and how many images (at most, for file sources).
+    tasks: examples per image per epoch by kind, e.g. {"caption": 1, "vqa": 2}. feature_cache: folder of
+    cached encoder features. seed: the example sampling.
+    """
+
+    source: str = "shapesworld"
+    split: str = "train"
+    size: int = 4000
+    options: dict = field(default_factory=dict)
+    tasks: dict = field(default_factory=lambda: {"caption": 1, "vqa": 1})
+    feature_cache: str = "outputs/features"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        cls = SOURCES.get(self.source, what="data.source")
+        cls.Options.from_dict(self.options)  # unknown or ill-typed options fail now, before any work
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"data.tasks accepts {list(TASKS)}, got {sorted(unknown)}")
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in self.tasks.values()):
+            raise ValueError(f"data.tasks values are examples per image (integers >= 0), got {self.tasks}")
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"data.size must be an integer >= 1, got {self.size!r}")
+
+
+@dataclass
+class Example:
+    index: int  # image index into the feature tensor
+    prompt: str
+    target: str
+    align: str | None  # caption paired with the image (None: no image-text objective for this sample)
+    kind: str  # "caption" or "vqa:<question type>"
+
+
+@dataclass
+class Question:
+    question: str
+    answers: list[str]
+    kind: str
+
+
+class DataSource:
+    """Base of every source: images by index, their texts, and training examples."""
+
+    name: ClassVar[str] = ""
+
+    @dataclass
+    class Options(StrictConfig):
+        """This source's own settings (``data.options``)."""
+
+    def __init__(self, config: DataConfig) -> None:
+        self.config = config
+        self.options = self.Options.from_dict(config.options)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def item_id(self, i: int) -> str:
+        """A stable id of image i (the feature cache checks them)."""
+        raise NotImplementedError
+
+    def ids(self) -> list[str]:
+        return [self.item_id(i) for i in range(len(self))]
+
+    def image(self, i: int):
+        """Image i as a PIL image."""
+        raise NotImplementedError
+
+    def references(self, i: int) -> list[str]:
+        """Every reference caption of image i (CIDEr); [] when the source has none."""
+        return []
+
+    def caption(self, i: int) -> str | None:
+        """The one caption paired with image i (alignment objectives, retrieval), or None."""
+        return None
+
+    def questions(self, i: int, per_image: int) -> list[Question]:
+        """Up to ``per_image`` evaluation questions about image i (deterministic)."""
+        return []
+
+    def attribute_hits(self, i: int, text: str) -> tuple[int, int] | None:
+        """(objects whose colour and shape ``text`` states, objects) where the source knows them, else None."""
+        return None
+
+    def signature(self) -> dict:
+        """What identifies the images (with the encoder it names a feature cache)."""
+        cfg = self.config
+        return {"source": cfg.source, "split": cfg.split, "size": cfg.size, **self.options.to_dict()}
+
+    def examples(self, *, caption_prompt: str, vqa_prompt: str, seed: int | None = None) -> list[Example]:
+        """Training examples for every image, ``data.tasks`` of each kind per image."""
+        raise NotImplementedError
+
+
+SOURCES: Registry[type[DataSource]] = Registry("data source")
+
+
+def open_source(config: DataConfig) -> DataSource:
+    """The source ``config`` names, ready to read."""
+    return SOURCES.get(config.source, what="data.source")(config)
+
+
+def _vqa_prompt(template: str, question: str) -> str:
+    return template.replace("{question}", question)
+
+
+# ---------------------------------------------------------------------- ShapesWorld
+class ShapesWorldSource(DataSource):
+    """Procedural scenes with exact ground truth: captions from a grammar, QA, attribute checks."""
+
+    name = "shapesworld"
+
+    @dataclass
+    class Options(StrictConfig):
+        render_size: int = 224
+        max_objects: int = 3
+
+    def __init__(self, config: DataConfig) -> None:
+        from .shapes import ShapesWorld, ShapesWorldConfig
+
+        super().__init__(config)
+        world = ShapesWorldConfig(image_size=self.options.render_size, max_objects=self.options.max_objects)
+        self.dataset = ShapesWorld(world, split=config.split, size=config.size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def item_id(self, i: int) -> str:
+        return f"{self.config.split}-{i:06d}"
+
+    def image(self, i: int):
+        from .shapes import render_scene
+
+        return render_scene(self.dataset.scene(i), self.options.render_size)
+
+    def references(self, i: int) -> list[str]:
+        from .shapes_language import captions
+
+        return captions(self.dataset.scene(i))
+
+    def caption(self, i: int) -> str | None:
+        from .shapes_language import caption
+
+        return caption(self.dataset.scene(i))
+
+    def questions(self, i: int, per_image: int) -> list[Question]:
+        from .shapes_language import qa_pairs
+
+        seed = self.dataset.seed_of(i)
+        pairs = qa_pairs(self.dataset.scene(i), seed=seed)
+        return [Question(qa.question, [qa.answer], qa.kind)
+                for qa in random.Random(seed).sample(pairs, min(per_image, len(pairs)))]
+
+    def attribute_hits(self, i: int, text: str) -> tuple[int, int] | None:
+        from .shapes_language import attribute_hits
+
+        return attribute_hits(text, self.dataset.scene(i))
+
+    def examples(self, *, caption_prompt: str, vqa_prompt: str, seed: int | None = None) -> list[Example]:
+        from .shapes_language import caption, qa_pairs
+
+        cfg = self.config
+        rng = random.Random(cfg.seed if seed is None else seed)
+        n_cap, n_vqa = int(cfg.tasks.get("caption", 0)), int(cfg.tasks.get("vqa", 0))
+        out: list[Example] = []
+        for i in range(len(self)):
+            scene = self.dataset.scene(i)
+            cap = caption(scene)
+            out += [Example(i, caption_prompt, cap, cap, "caption")] * n_cap
+            if n_vqa:
+                pairs = qa_pairs(scene, seed=self.dataset.seed_of(i))
+                for qa in rng.sample(pairs, min(n_vqa, len(pairs))):
+                    out.append(Example(i, _vqa_prompt(vqa_prompt, qa.question), qa.answer, cap, f"vqa:{qa.kind}"))
+        return out
+
+
+# ---------------------------------------------------------------------- files
+class _FileSource(DataSource):
+    def _check(self, required: Sequence[str]) -> None:
+        missing = [k for k in required if not getattr(self.options, k)]
+        if missing:
+            raise ValueError(f"data.source={self.name} needs data.options.{', data.options.'.join(missing)}")
+
+    def __len__(self) -> int:
+        return min(len(self.dataset), self.config.size)
+
+    def item_id(self, i: int) -> str:
+        return str(self.dataset[i]["id"])
+
+    def image(self, i: int):
+        return self.dataset[i]["image"]
+
+
+class CocoSource(_FileSource):
+    """COCO-captions JSON (``annotations`` with ``image_id`` + ``caption``) and its image folder."""
+
+    name = "coco"
+
+    @dataclass
+    class Options(StrictConfig):
+        captions: str | None = None
+        images: str | None = None
+
+    def __init__(self, config: DataConfig) -> None:
+        from .formats import CocoCaptions
+
+        super().__init__(config)
+        self._check(("captions", "images"))
+        self.dataset = CocoCaptions(self.options.captions, self.options.images)
+
+    def references(self, i: int) -> list[str]:
+        item = self.dataset[i]
+        return list(item.get("captions") or [item["caption"]])
+
+    def caption(self, i: int) -> str | None:
+        return self.dataset[i]["caption"]
+
+    def examples(self, *, caption_prompt: str, vqa_prompt: str, seed: int | None = None) -> list[Example]:
+        cfg = self.config
+        rng = random.Random(cfg.seed if seed is None else seed)
+        out = []
+        for i in range(len(self)):
+            caps = self.references(i)
+            for _ in range(max(int(cfg.tasks.get("caption", 0)), 1)):
+                cap = rng.choice(caps)
+                out.append(Example(i, caption_prompt, cap, cap, "caption"))
+        return out
+
+
+class VQASource(_FileSource):
+    """VQAv2-style questions + annotations JSON and the image folder; questions only."""
+
+    name = "vqa"
+
+    @dataclass
+    class Options(StrictConfig):
+        questions: str | None = None
+        annotations: str | None = None
+        images: str | None = None
+
+    def __init__(self, config: DataConfig) -> None:
+        from .formats import VQADataset
+
+        super().__init__(config)
+        self._check(("questions", "annotations", "images"))
+        self.dataset = VQADataset(self.options.questions, self.options.annotations, self.options.images)
+
+    def questions(self, i: int, per_image: int) -> list[Question]:
+        item = self.dataset[i]
+        return [Question(item["question"], list(item["answers"]), item.get("question_type", ""))][:per_image]
+
+    def examples(self, *, caption_prompt: str, vqa_prompt: str, seed: int | None = None) -> list[Example]:
+        out = []
+        for i in range(len(self)):
+            item = self.dataset[i]
+            out.append(Example(i, _vqa_prompt(vqa_prompt, item["question"]), item["answer"], None,
+                               f"vqa:{item.get('question_type', '')}"))
+        return out
+
+
+for _cls in (ShapesWorldSource, CocoSource, VQASource):
+    SOURCES.register(_cls.name, _cls)
+
+
+def source_options(name: str) -> list[str]:
+    """The option names source ``name`` accepts."""
+    return SOURCES.get(name, what="data.source").Options.field_names()
+
+
+__all__ = ["SOURCES", "DataConfig", "DataSource", "Example", "Question", "open_source", "source_options"]
