@@ -28,8 +28,9 @@ def main() -> int:
     args = parse_args(__doc__.splitlines()[0])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mmkit.connectors import build_connector
-    from mmkit.data.shapes import ShapesWorld, ShapesWorldConfig, render_scene
+    from mmkit.data.shapes import ShapesWorldConfig, render_scene
     from mmkit.data.shapes_language import caption
+    from mmkit.data.shapesworld import ShapesWorld
     from mmkit.encoders import load_encoder
     from mmkit.llm import FrozenLM
     from mmkit.llm.loading import load_causal_lm

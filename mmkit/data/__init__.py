@@ -8,7 +8,6 @@ from .shapes import (
     TEXTURES,
     Scene,
     SceneObject,
-    ShapesWorld,
     ShapesWorldConfig,
     render_masks,
     render_scene,
@@ -26,6 +25,7 @@ from .shapes_language import (
     tokenize,
     vocabulary,
 )
+from .shapesworld import ShapesWorld
 
 __all__ = [
     "COLOURS",

@@ -146,7 +146,8 @@ class ShapesWorldSource(DataSource):
         max_objects: int = 3
 
     def __init__(self, config: DataConfig) -> None:
-        from .shapes import ShapesWorld, ShapesWorldConfig
+        from .shapes import ShapesWorldConfig
+        from .shapesworld import ShapesWorld
 
         super().__init__(config)
         world = ShapesWorldConfig(image_size=self.options.render_size, max_objects=self.options.max_objects)

@@ -258,7 +258,7 @@ class PixelTextToImagePipeline(DiffusionPipeline):
         if index.get("_class_name") != PIPELINE_CLASS:
             raise ValueError(
                 f"{folder} holds a {index.get('_class_name')!r} pipeline, not a {PIPELINE_CLASS}; load it with "
-                "mmkit.generate_cli.load_pipeline (which picks the class) or the matching diffusers class"
+                "mmkit.diffusion.loading.load_pipeline (which picks the class) or the matching diffusers class"
             )
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=torch_dtype)
         if scheduler is None:

@@ -29,23 +29,8 @@ import numpy as np
 import torch
 
 from ..config import StrictConfig
-from ..data.shapes import SPLIT_SEED_RANGES, Scene, ShapesWorldConfig, render_scene, sample_scene
+from ..data.shapes import SPLIT_SEED_RANGES, Scene, ShapesWorldConfig, render_scene, sample_scene, t2i_world
 from ..data.shapes_language import caption
-
-
-def t2i_world() -> ShapesWorldConfig:
-    """The ShapesWorld configuration of the text-to-image model (see the module docstring)."""
-    return ShapesWorldConfig(
-        image_size=32,
-        min_objects=1,
-        max_objects=2,
-        shapes=("circle", "square", "triangle", "star"),
-        colours=("red", "green", "blue", "yellow", "purple", "white"),
-        sizes=("small", "large"),
-        size_fractions=(0.34, 0.46),
-        margin=0.04,
-        min_gap=0.06,
-    )
 
 
 @dataclass

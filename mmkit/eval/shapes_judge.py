@@ -47,19 +47,14 @@ from ..data.shapes import (
     SceneObject,
     ShapesWorldConfig,
     render_scene,
+    t2i_world,
 )
 from ..data.shapes_language import RELATION_PHRASES, caption_phrases, relation
 
 
-def _t2i_world() -> ShapesWorldConfig:
-    from ..diffusion.t2i_data import t2i_world
-
-    return t2i_world()
-
-
 @dataclass
 class JudgeConfig(StrictConfig):
-    """What the judge looks for; defaults are the text-to-image world (``mmkit.diffusion.t2i_data``).
+    """What the judge looks for; defaults are the text-to-image world (``mmkit.data.shapes.t2i_world``).
 
     colours / shapes: candidates (names from ShapesWorld's COLOURS / SHAPES); background: RGB backdrop;
     min_coverage: coverage a pixel needs to be foreground; min_area: smallest object, as a fraction of
@@ -68,9 +63,9 @@ class JudgeConfig(StrictConfig):
     sizes: size words allowed in captions (for parsing prompts).
     """
 
-    colours: tuple[str, ...] = field(default_factory=lambda: _t2i_world().colours)
-    shapes: tuple[str, ...] = field(default_factory=lambda: _t2i_world().shapes)
-    sizes: tuple[str, ...] = field(default_factory=lambda: _t2i_world().sizes)
+    colours: tuple[str, ...] = field(default_factory=lambda: t2i_world().colours)
+    shapes: tuple[str, ...] = field(default_factory=lambda: t2i_world().shapes)
+    sizes: tuple[str, ...] = field(default_factory=lambda: t2i_world().sizes)
     background: tuple[int, int, int] = DEFAULT_BACKGROUND
     min_coverage: float = 0.5
     min_area: float = 0.012

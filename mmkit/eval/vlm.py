@@ -153,8 +153,8 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
     """Command line shared by the caption and VQA eval recipes."""
     import argparse
 
+    from ..config import parse_override
     from ..data.sources import SOURCES, DataConfig, source_options
-    from ..training.config import parse_override
 
     parser = argparse.ArgumentParser(description="Evaluate trained models (bundle or connector folders) on held-out images.")
     parser.add_argument("--connectors", nargs="+", required=True, help="model folders (e.g. outputs/x/final)")

@@ -5,7 +5,10 @@ accuracy, VQA accuracy and retrieval R@1/5; prints a comparison table.
         --split test --size 500 --json outputs/eval/caption.json
 """
 
+import sys
+
+from mmkit.cli import run_guarded
 from mmkit.eval.vlm import eval_main
 
 if __name__ == "__main__":
-    eval_main(["caption", "vqa", "retrieval"])
+    sys.exit(run_guarded(lambda: eval_main(["caption", "vqa", "retrieval"]), prog="eval.py"))

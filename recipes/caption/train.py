@@ -6,10 +6,12 @@
 """
 
 import os
+import sys
 
+from mmkit.cli import run_guarded
 from mmkit.training.vlm import recipe_main
 
 DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shapes_vlap.yaml")
 
 if __name__ == "__main__":
-    recipe_main(DEFAULT)
+    sys.exit(run_guarded(lambda: recipe_main(DEFAULT), prog="train.py"))

@@ -20,18 +20,22 @@ import argparse
 import json
 import math
 import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from mmkit.cli import run_guarded
 from mmkit.config import atomic_write_text
+from mmkit.data.images import image_grid
 from mmkit.data.shapes import ShapesWorldConfig
 from mmkit.diffusion import patch
+from mmkit.diffusion.flags import add_patch_arguments, build_patches
+from mmkit.diffusion.loading import load_pipeline
 from mmkit.diffusion.pixel_pipeline import SAMPLERS, with_sampler
 from mmkit.diffusion.t2i_data import held_out_prompts, t2i_world
 from mmkit.eval.shapes_judge import JudgeConfig, judge_accuracy, prompt_following, prompt_following_accuracy
-from mmkit.generate_cli import add_patch_arguments, build_patches, image_grid, load_pipeline
 
 METRICS = ("all", "objects", "colour", "shape", "count", "relation")
 
@@ -130,9 +134,9 @@ def _points(base: float | None, value: float | None) -> float | None:
 
 
 def _default_model() -> Path:
-    from mmkit.generate_cli import DEFAULT_MODEL
+    from mmkit.assets import DEFAULT_T2I_MODEL
 
-    return DEFAULT_MODEL
+    return DEFAULT_T2I_MODEL
 
 
 def markdown(report: dict) -> str:
@@ -186,4 +190,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_guarded(lambda: main(), prog="eval.py"))

@@ -13,8 +13,10 @@ the sample grids are in :mod:`mmkit.training.t2i`; the loop (checkpoints, resume
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+from mmkit.cli import run_guarded
 from mmkit.training.config import parse_recipe_args
 from mmkit.training.loop import recipe_command
 from mmkit.training.t2i import T2ITrainConfig, train_t2i
@@ -34,4 +36,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_guarded(lambda: main(), prog="train.py"))

@@ -6,25 +6,24 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import command
+from ..assets import DEFAULT_CONNECTOR
+from .base import Command, UserError, positive_int
 
 
 def _connector_arg(parser: argparse.ArgumentParser) -> None:
-    from .demo import ASSET_CONNECTOR
-
-    parser.add_argument("--connector", type=Path, default=ASSET_CONNECTOR,
-                        help=f"trained connector folder (default: {ASSET_CONNECTOR})")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--connector", type=Path, default=DEFAULT_CONNECTOR,
+                        help=f"trained model folder: a bundle or a connector (default: {DEFAULT_CONNECTOR})")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
 
 
 def _load(connector: Path):
-    from .models import VisionLanguageModel
-    from .models.bundle import is_bundle
+    from ..models import VisionLanguageModel
+    from ..models.bundle import is_bundle
 
     if not is_bundle(connector):
-        raise SystemExit(f"mmkit: no trained model in {connector} (expected bundle.json, or adapter.json / "
-                         f"connector.json of a connector); train one with recipes/caption/train.py or pass --connector")
+        raise UserError(f"no trained model in {connector} (expected bundle.json, or adapter.json / connector.json "
+                        f"of a connector); train one with recipes/caption/train.py or pass --connector")
     return VisionLanguageModel.from_pretrained(connector)
 
 
@@ -33,9 +32,8 @@ def _caption_args(parser: argparse.ArgumentParser) -> None:
     _connector_arg(parser)
 
 
-@command("caption", "caption images with a trained connector", _caption_args)
 def _caption(args: argparse.Namespace) -> int:
-    from .data.images import load_image
+    from ..data.images import load_image
 
     images = [load_image(p) for p in args.images]  # fails early, naming the bad file
     model = _load(args.connector)
@@ -51,11 +49,13 @@ def _vqa_args(parser: argparse.ArgumentParser) -> None:
     _connector_arg(parser)
 
 
-@command("vqa", "answer questions about an image with a trained connector", _vqa_args)
 def _vqa(args: argparse.Namespace) -> int:
-    from .data.images import load_image
+    from ..data.images import load_image
 
     image = load_image(args.image)
+    empty = [i + 1 for i, q in enumerate(args.questions) if not q.strip()]
+    if empty:  # before loading the model
+        raise UserError(f"question {empty[0]} is empty; ask something about the image")
     model = _load(args.connector)
     kw = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
     answers = model.answer(args.questions, images=[image] * len(args.questions), **kw)
@@ -68,14 +68,20 @@ def _prepare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm", default="HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
-@command("prepare", "convert the offline weight carriers once (e.g. SmolLM2 GGUF -> cached fp32 folder)",
-         _prepare_args)
 def _prepare(args: argparse.Namespace) -> int:
     import time
 
-    from .llm.loading import converted_dir, load_causal_lm
+    from ..llm.loading import converted_dir, load_causal_lm
 
     t0 = time.perf_counter()
     load_causal_lm(args.llm)
     print(f"{args.llm}: ready in {converted_dir(args.llm)} ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+COMMANDS = (
+    Command("caption", "caption images with a trained connector", _caption_args, _caption),
+    Command("vqa", "answer questions about an image with a trained connector", _vqa_args, _vqa),
+    Command("prepare", "convert the offline weight carriers once (e.g. SmolLM2 GGUF -> cached fp32 folder)",
+            _prepare_args, _prepare),
+)

@@ -3,7 +3,7 @@
 Loads the real frozen backbones (EfficientNet-Lite0 ImageNet weights, SmolLM2-135M-Instruct) and the VLAP
 connector our caption recipe trained (shipped in ``assets/connectors/shapes-vlap``), captions held-out
 ShapesWorld scenes and a few real photos from scikit-image, answers questions about them, and writes an
-HTML page with the pictures and the outputs. Without the shipped connector it trains a small one first.
+HTML page with the pictures and the outputs.
 ``mmkit demo --core`` shows the attention core instead (backends vs oracle, fused vs naive, agents, ToMe).
 """
 
@@ -16,9 +16,9 @@ import io
 import time
 from pathlib import Path
 
-from .cli import command
+from ..assets import DEFAULT_CONNECTOR
+from .base import Command, positive_int
 
-ASSET_CONNECTOR = Path(__file__).resolve().parent.parent / "assets" / "connectors" / "shapes-vlap"
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 PHOTO_QUESTIONS = ("what colour is the object?", "how many objects are there?")
 
@@ -35,9 +35,9 @@ def _median_time(fn, repeats: int = 3) -> float:
 def run_core_showcase() -> None:
     import torch
 
-    from .ops import attention, backends, block_causal, key_padding
-    from .ops.agent import agent_attention
-    from .ops.tome import bipartite_soft_matching_2d
+    from ..ops import attention, backends, block_causal, key_padding
+    from ..ops.agent import agent_attention
+    from ..ops.tome import bipartite_soft_matching_2d
 
     torch.manual_seed(0)
     print("1) every available backend vs the eager float64 oracle (B2 Lq7 Lk9 H4 Hkv2 D24, padding + frames):")
@@ -104,15 +104,16 @@ def run_vlm_demo(connector: Path | None, out_dir: Path, num_scenes: int) -> Path
     import torch
     from skimage import data as skdata
 
-    from .data.images import load_image
-    from .data.shapes import ShapesWorld, ShapesWorldConfig, render_scene
-    from .data.shapes_language import attribute_hits, caption, qa_pairs
-    from .eval.vqa import vqa_accuracy
-    from .models import VisionLanguageModel
+    from ..data.images import load_image
+    from ..data.shapes import ShapesWorldConfig, render_scene
+    from ..data.shapes_language import attribute_hits, caption, qa_pairs
+    from ..data.shapesworld import ShapesWorld
+    from ..eval.vqa import vqa_accuracy
+    from ..models import VisionLanguageModel
 
     t0 = time.perf_counter()
     if connector is None:
-        connector = ASSET_CONNECTOR
+        connector = DEFAULT_CONNECTOR
     model = VisionLanguageModel.from_pretrained(connector)
     meta = VisionLanguageModel.bundle_parts(connector)
     print(f"loaded encoder {model.encoder.spec} + {meta['llm']['name']} + {model.connector.kind} connector "
@@ -189,13 +190,12 @@ def _imagenet_labels(encoder, photos) -> list[str]:
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--core", action="store_true", help="show the attention core instead of the VLM")
-    parser.add_argument("--connector", type=Path, default=None, help=f"connector folder (default: {ASSET_CONNECTOR})")
+    parser.add_argument("--connector", type=Path, default=None, help=f"connector folder (default: {DEFAULT_CONNECTOR})")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="where the HTML page goes")
-    parser.add_argument("--scenes", type=int, default=8, help="held-out ShapesWorld scenes to show")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--scenes", type=positive_int, default=8, help="held-out ShapesWorld scenes to show")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
 
 
-@command("demo", "caption and question real and ShapesWorld images with the trained connector; HTML page", _configure)
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -209,3 +209,7 @@ def _demo(args: argparse.Namespace) -> int:
             run_vlm_demo(args.connector, args.out, args.scenes)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+COMMANDS = (Command("demo", "caption and question real and ShapesWorld images with the trained connector; HTML page",
+                    _configure, _demo),)

@@ -1,0 +1,9 @@
+"""Paths of the models shipped in the repository's ``assets/`` folder (made by mmkit's own recipes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_CONNECTOR = ASSETS / "connectors" / "shapes-vlap"  # VLAP connector, EfficientNet-Lite0 -> SmolLM2-135M
+DEFAULT_T2I_MODEL = ASSETS / "t2i" / "shapes"  # ShapesWorld pixel-space text-to-image pipeline
