@@ -87,6 +87,14 @@ def encode_text(model: Any, tokenizer: Any, prompts: Sequence[str], max_length: 
 
     if isinstance(prompts, str):
         raise TypeError("encode_text takes a list of prompts, got a single str; wrap it in a list")
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    cut = [(p, n) for p, n in zip(prompts, lengths) if n > max_length]
+    if cut:
+        import warnings
+
+        prompt, n = cut[0]
+        warnings.warn(f"{len(cut)} prompt(s) longer than the text encoder's {max_length} tokens were cut to fit, "
+                      f"e.g. {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} ({n} tokens)", stacklevel=2)
     batch = tokenizer(
         list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
     )

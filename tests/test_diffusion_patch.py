@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mmkit.diffusion import (
+    PATCHES,
     AgentSD,
     DenoiseContext,
     MmkitAttnProcessor,
@@ -60,15 +61,12 @@ def sample_pipe(pipe, steps=3):
 
 
 # ---------------------------------------------------------------------- apply / remove
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: ToMe(),
-        lambda: AgentSD(),
-        lambda: ProcessorPatch(lambda: MmkitAttnProcessor(backend="eager")),
-    ],
-    ids=["tome", "agent_sd", "mmkit_eager"],
-)
+PATCH_FACTORIES = [factory for _, factory in PATCHES.items()] + [
+    lambda: ProcessorPatch(lambda: MmkitAttnProcessor(backend="eager"))]
+PATCH_IDS = [*PATCHES.names(), "mmkit_eager"]
+
+
+@pytest.mark.parametrize("make", PATCH_FACTORIES, ids=PATCH_IDS)
 def test_apply_then_remove_is_bit_identical(unet, inputs, make):
     before = run(unet, inputs)
     procs = unet.attn_processors
@@ -130,6 +128,25 @@ def test_custom_patch_hooks_are_removed_with_the_handle(unet, inputs):
 
 
 # ---------------------------------------------------------------------- composition and conflicts
+@pytest.mark.parametrize("first", PATCHES.names())
+@pytest.mark.parametrize("second", PATCHES.names())
+def test_every_pair_of_registered_patches_composes_or_names_the_clash(unet, inputs, first, second):
+    """Two patches either share the UNet (removal is still exact) or refuse, naming both and the layer."""
+    before, procs = run(unet, inputs), unet.attn_processors
+    a, b = PATCHES.get(first)(), PATCHES.get(second)()
+    try:
+        with patch(unet, a, b):
+            assert torch.isfinite(run(unet, inputs)).all()
+    except ValueError as err:
+        assert "both claim the attention processor" in str(err) and a.describe() in str(err)
+    assert torch.equal(run(unet, inputs), before)
+    assert all(unet.attn_processors[p] is procs[p] for p in procs)
+    with patch(unet, a, ProcessorPatch(MmkitAttnProcessor, kind="cross")) if first != "mmkit_processors" else \
+            patch(unet, a):  # with something on disjoint (cross-attention) layers: always composes
+        assert torch.isfinite(run(unet, inputs)).all()
+    assert torch.equal(run(unet, inputs), before)
+
+
 def test_patches_on_disjoint_layers_compose(unet, inputs):
     procs = unet.attn_processors
     with patch(unet, ToMe(ToMeConfig(seed=3))):
@@ -314,7 +331,7 @@ def test_pipeline_three_steps_with_each_patch():
     pipe = tiny_pipeline()
     before = sample_pipe(pipe)
     procs = pipe.unet.attn_processors
-    for make in (ToMe, AgentSD, lambda: ProcessorPatch(MmkitAttnProcessor)):
+    for _, make in PATCHES.items():
         p = make()
         steps = []
         with patch(pipe, p) as handle:

@@ -168,6 +168,8 @@ def test_text_encoder_sources_and_cache(minilm, tmp_path):
     h2, _ = enc(["a red star"])
     assert enc.encoded == 2 and torch.equal(h2[0], h1[0])
     assert not any(p.requires_grad for p in model.parameters())
+    with pytest.warns(UserWarning, match=r"1 prompt\(s\) longer than the text encoder's 12 tokens were cut"):
+        enc([" ".join(["red star"] * 300)])  # a 600-word prompt is not cut silently
 
 
 # ---------------------------------------------------------------------- training recipe

@@ -8,6 +8,9 @@ ToMe and AgentSD.
 Importing this package does not import diffusers; the patches work on the modules they are given.
 """
 
+from collections.abc import Callable
+
+from ..registry import Registry
 from .agent_sd import AgentSD, AgentSDAttnProcessor, AgentSDConfig, AgentSDStep, published_schedule
 from .context import DenoiseContext
 from .patch import (
@@ -23,7 +26,15 @@ from .patch import (
 from .processors import MmkitAttnProcessor
 from .tome import MergeRecord, MergeRuntime, ToMe, ToMeAttnProcessor, ToMeConfig
 
+PATCHES: Registry[Callable[[], Patch]] = Registry("patch")
+"""Every patch mmkit ships, as a factory of its default instance; the generic tests (removal is bit-identical,
+composition, a 3-step pipeline) run over all of them, so a new patch gets them by being registered here."""
+PATCHES.register("tome", ToMe)
+PATCHES.register("agent_sd", AgentSD)
+PATCHES.register("mmkit_processors", lambda: ProcessorPatch(MmkitAttnProcessor))  # attention through mmkit.ops
+
 __all__ = [
+    "PATCHES",
     "AgentSD",
     "AgentSDAttnProcessor",
     "AgentSDConfig",
