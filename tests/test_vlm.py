@@ -95,3 +95,12 @@ def test_retrieval_through_the_assignments_uses_the_training_reading(parts, assi
             expected[i, t] = -0.5 * (-(q_t[t] * F.log_softmax(code_v[i] / 0.01, -1)).sum()
                                      - (q_v[i] * F.log_softmax(code_t[t] / 0.01, -1)).sum())
     assert torch.allclose(sim.double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_one_image_on_its_own_is_accepted(parts):
+    from PIL import Image
+
+    model = make_model(parts)
+    image = Image.new("RGB", (40, 36), (200, 30, 30))
+    assert len(model.caption(images=image, max_new_tokens=2)) == 1
+    assert len(model.answer("what colour is it ?", images=image, max_new_tokens=2)) == 1
