@@ -33,9 +33,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py --json benchmarks/results/attention.json
+	$(PY) benchmarks/overhead.py --json benchmarks/results/overhead.json
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/attention.py --quick --json benchmarks/results/attention-quick.json
+	$(PY) benchmarks/overhead.py --quick --json benchmarks/results/overhead-quick.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check mmkit tests benchmarks recipes

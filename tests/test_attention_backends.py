@@ -211,3 +211,41 @@ def test_input_validation_messages():
         attention(q, k.double(), v)
     with pytest.raises(ValueError, match="dropout_p"):
         attention(q, k, v, dropout_p=1.5)
+
+
+# ---------------------------------------------------------------- rows that see no key, whatever the kernel
+@pytest.mark.parametrize("case", ["padding", "causal_tall", "window", "dense", "frames_future", "padding_bias"])
+def test_sdpa_backend_zeros_rows_that_see_no_key_even_if_the_kernel_returns_garbage(monkeypatch, case):
+    """CUDA half-precision kernels return something else than zeros there; simulate such a kernel."""
+    import torch.nn.functional as F
+
+    from mmkit.ops import additive_bias, block_causal, key_padding, sliding_window
+    from mmkit.ops.backends import sdpa as sdpa_module
+
+    real = F.scaled_dot_product_attention
+
+    def garbage_kernel(q, k, v, attn_mask=None, **kw):
+        out = real(q, k, v, attn_mask=attn_mask, **kw)
+        if attn_mask is not None:
+            visible = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+            empty = ~visible.any(-1, keepdim=True)  # (B|1, H|1, Lq, 1)
+            out = out.masked_fill(empty, 123.0)
+        return out
+
+    monkeypatch.setattr(sdpa_module.F, "scaled_dot_product_attention", garbage_kernel)
+    g = torch.Generator().manual_seed(0)
+    Lq, Lk = (9, 5) if case == "causal_tall" else (7, 6)
+    q, k, v = (torch.randn(2, n, 2, 8, generator=g) for n in (Lq, Lk, Lk))
+    masks = {
+        "padding": key_padding(torch.tensor([6, 0]), Lk),
+        "causal_tall": None,
+        "window": sliding_window(0, 0) & key_padding(torch.tensor([6, 2]), Lk),
+        "dense": torch.rand(2, 1, Lq, Lk, generator=g) > 0.8,
+        "frames_future": block_causal((2, 3), direction="future"),
+        "padding_bias": key_padding(torch.tensor([6, 0]), Lk) & additive_bias(torch.randn(1, 2, Lq, Lk, generator=g)),
+    }
+    kw = {"causal": True} if case == "causal_tall" else {"mask": masks[case]}
+    out = attention(q, k, v, backend="sdpa", **kw)
+    ref = attention(q.double(), k.double(), v.double(), backend="eager", **kw).float()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (ref == 0).all(dim=-1).any(), "the case must have a row that sees no key"

@@ -33,3 +33,13 @@ def test_records_and_json(tmp_path):
 def test_time_interleaved_returns_medians():
     t = time_interleaved({"a": lambda: None, "b": lambda: sum(range(1000))}, repeats=3, inner={"a": 4})
     assert set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
+
+
+def test_the_op_counter_of_the_overhead_benchmark_counts_dispatched_ops():
+    from overhead import _Count
+
+    x = torch.randn(3)
+    with _Count() as counted:
+        (x + 1).mul(2).sum()
+    assert counted.counts == {"aten.add.Tensor": 1, "aten.mul.Tensor": 1, "aten.sum.default": 1}
+    assert counted.total == 3

@@ -17,7 +17,7 @@ from mmkit.diffusion import (
     ToMeConfig,
     patch,
 )
-from mmkit.diffusion.tome import SlotMerge, plan_merges, prefix_merge
+from mmkit.diffusion.tome import plan_merges
 from mmkit.ops.tome import bipartite_soft_matching_2d
 
 
@@ -132,15 +132,32 @@ def test_agents_only_when_fewer_than_half_the_merged_tokens():
     assert plan_merges(x, (8, 8), ratio=0.0, sx=2, sy=2, randomize=True, generator=g) == (None, None)
 
 
-def test_slot_merge_equals_token_merge():
+def _groups(slot_of_token: torch.Tensor, num_slots: int) -> list[tuple[int, ...]]:
+    return sorted(tuple(torch.nonzero(slot_of_token == s).flatten().tolist()) for s in range(num_slots))
+
+
+@pytest.mark.parametrize("randomize", [False, True])
+def test_slot_merges_group_tokens_as_the_reference_matching(randomize):
+    """plan_merges' slots put together exactly the tokens mmkit.ops.tome's matching merges (in any order),
+    merge takes each group's mean and unmerge gives every token its group's value."""
     x = torch.randn(2, 7 * 9, 5, dtype=torch.float64)
-    full = bipartite_soft_matching_2d(x, 7, 9, sx=2, sy=3, r=30, generator=torch.Generator().manual_seed(0))
-    for r in (30, 11):
-        tm = prefix_merge(full, r)
-        sm = SlotMerge.from_token_merge(tm, 2)
-        torch.testing.assert_close(sm.merge(x), tm.merge(x)[0], atol=1e-14, rtol=0)
-        y = torch.randn(2, tm.num_out, 3, dtype=torch.float64)
-        assert torch.equal(sm.unmerge(y), tm.unmerge(y))
+    for r_ratio, agent_ratio in ((30 / 63, 0.0), (11 / 63, 0.95)):
+        merge, agents = plan_merges(x, (7, 9), ratio=r_ratio, sx=2, sy=3, randomize=randomize,
+                                    generator=torch.Generator().manual_seed(0), agent_ratio=agent_ratio)
+        for sm, r in ((merge, int(63 * r_ratio)), (agents, 63)):
+            if sm is None:
+                continue
+            tm = bipartite_soft_matching_2d(x, 7, 9, sx=2, sy=3, r=r, generator=torch.Generator().manual_seed(0),
+                                            randomize=randomize)
+            ref_slots = tm.unmerge(torch.arange(tm.num_out, dtype=torch.float64)[None, :, None].expand(2, -1, 1))
+            for b in range(2):
+                assert _groups(sm.slots[b], sm.num_out) == _groups(ref_slots[b, :, 0].long(), tm.num_out)
+            means = torch.stack([torch.stack([x[b, sm.slots[b] == s].mean(0) for s in range(sm.num_out)])
+                                 for b in range(2)])
+            torch.testing.assert_close(sm.merge(x), means, atol=1e-14, rtol=0)
+            y = torch.randn(2, sm.num_out, 3, dtype=torch.float64)
+            back = sm.unmerge(y)
+            assert all(torch.equal(back[b, i], y[b, sm.slots[b, i]]) for b in range(2) for i in range(63))
 
 
 # ---------------------------------------------------------------------- no-op settings

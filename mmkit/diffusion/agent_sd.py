@@ -31,14 +31,12 @@ from ..config import StrictConfig
 from ..ops.agent import agent_attention
 from .processors import project_out, project_qkv
 from .tome import (
-    MergeRecord,
     MergeRuntime,
     MergingAttnProcessor,
     MergingPatch,
     check_max_downsample,
     check_merge_numbers,
     check_mergeable,
-    plan_merges,
 )
 
 
@@ -136,8 +134,7 @@ class AgentSDAttnProcessor(MergingAttnProcessor):
         self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None, attention_mask: Tensor | None
     ) -> Tensor:
         cfg = self.config
-        step = self.runtime.context.step
-        index = cfg.entry_at(step)
+        index = self.runtime.entry  # kept up to date from the step outside any compiled graph
         if index is None:
             return super().attend(attn, hidden_states, encoder_hidden_states, attention_mask)
         entry = cfg.schedule[index]
@@ -145,15 +142,11 @@ class AgentSDAttnProcessor(MergingAttnProcessor):
         check_mergeable(who, hidden_states, encoder_hidden_states, attention_mask)
         B, N, _ = hidden_states.shape
         grid = self.runtime.grid(who, N, self.downsample)
-        merge, agent_merge = plan_merges(
-            hidden_states, grid, ratio=entry.ratio, sx=entry.sx, sy=entry.sy,
-            randomize=cfg.use_rand and B % 2 == 0, generator=self.runtime.generator, agent_ratio=entry.agent_ratio,
-        )
+        merge, agent_merge = self.plan(hidden_states, grid, ratio=entry.ratio, sx=entry.sx, sy=entry.sy,
+                                       agent_ratio=entry.agent_ratio)
         merged = merge.merge(hidden_states) if merge is not None else hidden_states  # (B, N', C)
-        self.runtime.records[self.path] = MergeRecord(
-            step=step, grid=grid, tokens=N, merged_tokens=merged.shape[1],
-            agents=agent_merge.num_out if agent_merge is not None else 0, entry=index,
-        )
+        self.record(grid=grid, tokens=N, merged_tokens=merged.shape[1],
+                    agents=agent_merge.num_out if agent_merge is not None else 0, entry=index)
         if agent_merge is None:
             out = super().attend(attn, merged, None, None)  # (B, N', C_out)
         else:
@@ -196,6 +189,8 @@ class AgentSD(MergingPatch):
         self.config = config
         self.runtime: MergeRuntime | None = None
 
+    def entry_at(self, step: int | None) -> int | None:
+        return self.config.entry_at(step)
 
     def describe(self) -> str:
         c = self.config

@@ -17,10 +17,19 @@ How the step index is derived (``DenoiseContext.observe``):
    The same timestep again keeps the step (several UNet calls per step, e.g. separate guidance passes);
    a smaller one advances it by one; a larger one starts a new sampling run at step 0.
    :meth:`DenoiseContext.reset` forces step 0 for the next call.
+
+Under ``torch.compile`` the pre-hook is traced into the UNet's graph, where reading the timestep's value
+would be a host sync and a graph break. There the hook only records the latent size, and the step comes
+from the scheduler, outside the graph: :meth:`DenoiseContext.drive` wraps ``scheduler.set_timesteps``
+(step 0, or the scheduler's ``begin_index`` for img2img) and ``scheduler.step`` (the next step), which
+``patch(pipe, ...)`` installs for the pipeline's scheduler; for a bare compiled UNet call
+:meth:`DenoiseContext.set_step` yourself. Patches read what they need through :meth:`subscribe`, so the
+compiled graph never reads the changing step number (which would recompile it at every step).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,7 +44,7 @@ class DenoiseContext:
         timestep: the timestep as a float (the first one when a batch carries several).
         step: the denoising step index (see the module docstring for the rule).
         latent_size: (H, W) of the UNet's input sample, the grid every resolution is derived from.
-        calls: UNet forwards seen since construction.
+        calls: UNet forwards seen since construction (eager forwards; a compiled graph does not count).
 
     ``scheduler``: an object with ``.timesteps`` (a diffusers scheduler), or a zero-argument callable
     returning one (so a pipeline whose scheduler is swapped later is still followed), or None.
@@ -48,13 +57,60 @@ class DenoiseContext:
         self.latent_size: tuple[int, int] | None = None
         self.calls = 0
         self._position: int | None = None  # last position found in scheduler.timesteps
+        self._listeners: list[Callable[[int | None], None]] = []
+
+    # ------------------------------------------------------------------ who wants to know the step
+    def subscribe(self, listener: Callable[[int | None], None]) -> Callable[[], None]:
+        """Call ``listener(step)`` whenever the step changes (outside any compiled graph); returns an unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def set_step(self, step: int | None) -> None:
+        """Set the step index directly (a bare UNet under ``torch.compile``, or a custom sampling loop)."""
+        if step is not None and (int(step) != step or step < 0):
+            raise ValueError(f"step must be a non-negative integer or None, got {step!r}")
+        changed = step != self.step
+        self.step = None if step is None else int(step)
+        if changed:
+            for listener in list(self._listeners):
+                listener(self.step)
+
+    def drive(self, scheduler: Any) -> Callable[[], None]:
+        """Follow ``scheduler``'s loop: ``set_timesteps`` starts at step 0 (or its ``begin_index``), each
+        ``step()`` moves to the next. Wraps the two methods on the instance; returns the function that
+        restores them."""
+        wrapped = {}
+
+        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            out = wrapped["set_timesteps"](*args, **kwargs)
+            self._position = None
+            self.timestep = None
+            self.set_step(int(getattr(scheduler, "begin_index", None) or 0))
+            return out
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            out = wrapped["step"](*args, **kwargs)
+            self.set_step((self.step or 0) + 1)
+            return out
+
+        for name, fn in (("set_timesteps", set_timesteps), ("step", step)):
+            if callable(getattr(scheduler, name, None)):
+                wrapped[name] = getattr(scheduler, name)
+                setattr(scheduler, name, fn)
+
+        def restore() -> None:
+            for name in wrapped:
+                if name in vars(scheduler):
+                    delattr(scheduler, name)  # the class's own method shows again
+
+        return restore
 
     # ------------------------------------------------------------------ state updates
     def reset(self) -> None:
         """Forget the previous timestep: the next forward is step 0 of a new run (counting rule)."""
         self.timestep = None
-        self.step = None
         self._position = None
+        self.set_step(None)
 
     def observe(self, timestep: float | Tensor | None, latent_size: tuple[int, int] | None) -> None:
         """Record one UNet forward. Called by the pre-hook; call it yourself to drive processors directly.
@@ -62,9 +118,11 @@ class DenoiseContext:
         timestep: a number, or a 0-d / (B,) tensor (the first element is used); None leaves the step as is.
         latent_size: (H, W) of the sample, or None to keep the previous one.
         """
-        self.calls += 1
         if latent_size is not None:
             self.latent_size = (int(latent_size[0]), int(latent_size[1]))
+        if torch.compiler.is_compiling():
+            return  # no host reads inside a graph: the step comes from drive() / set_step()
+        self.calls += 1
         if timestep is None:
             return
         t = _as_float(timestep)
@@ -73,7 +131,8 @@ class DenoiseContext:
             step = self._counted_step(t)
         else:
             self._position = step
-        self.timestep, self.step = t, step
+        self.timestep = t
+        self.set_step(step)
 
     def _counted_step(self, t: float) -> int:
         prev = self.timestep
@@ -156,7 +215,7 @@ def _looks_like_timestep(t: Any) -> bool:
 
 def _as_float(t: float | Tensor) -> float:
     if isinstance(t, Tensor):
-        return float(t.detach().flatten()[0])
+        return float(t if t.dim() == 0 else t.reshape(-1)[0])  # the one host read of an eager UNet forward
     return float(t)
 
 

@@ -247,6 +247,7 @@ class PatchHandle:
         self.active = False
         self._installed: dict[str, tuple[nn.Module, Any, Any]] = {}  # path -> (module, previous, ours)
         self._hooks: list[RemovableHandle] = []
+        self._restore_scheduler: Any = None  # undoes context.drive(pipe.scheduler)
 
     def _apply(self, patches: tuple[Patch, ...]) -> None:
         for p in patches:
@@ -290,6 +291,9 @@ class PatchHandle:
         self.active = True
         try:
             self._hooks.append(self.context.attach(self.model))
+            scheduler = getattr(self.source, "scheduler", None) if self.source is not None else None
+            if scheduler is not None:
+                self._restore_scheduler = self.context.drive(scheduler)
             for path, (p, proc) in planned.items():
                 module = layers[path]
                 self.layers[path] = p
@@ -331,6 +335,9 @@ class PatchHandle:
                 del live.patches[id(p)]
         for h in self._hooks:
             h.remove()
+        if self._restore_scheduler is not None:
+            self._restore_scheduler()
+            self._restore_scheduler = None
         self._installed.clear()
         self._hooks.clear()
         self.active = False
@@ -367,8 +374,9 @@ def patch(pipe_or_module: Any, *patches: Patch) -> PatchHandle:
 def _resolve(obj: Any) -> tuple[nn.Module, Any]:
     unet = getattr(obj, "unet", None)
     if isinstance(unet, nn.Module):
-        return unet, obj
+        return _uncompiled(unet), obj
     if isinstance(obj, nn.Module):
+        obj = _uncompiled(obj)
         if not attention_layers(obj):
             raise ValueError(
                 f"{type(obj).__name__} holds no diffusers attention layer (module with get_processor/set_processor); "
@@ -378,6 +386,11 @@ def _resolve(obj: Any) -> tuple[nn.Module, Any]:
     raise TypeError(
         f"patch() takes a diffusers pipeline (with .unet) or an nn.Module, got {type(obj).__name__}"
     )
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs (patched there, the compiled graph picks the patch up)."""
+    return getattr(module, "_orig_mod", module)
 
 
 __all__ = [

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import attention
+from .dispatch import automatic_backend
 
 
 def pool_agents(q: Tensor, num_agents: int, grid: tuple[int, int] | None = None) -> Tensor:
@@ -93,10 +94,14 @@ def agent_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if agents is None:
         agents = pool_agents(q, num_agents, grid)  # (B, n, H, D)
-    # Aggregation: agents attend to all keys.
-    agent_values = attention(agents, k, v, mask=agent_bias, scale=scale, backend=backend)  # (B, n, H, Dv)
-    # Broadcast: each query reads from the agents.
-    out = attention(q, agents, agent_values, mask=query_bias, scale=scale**agent_scale_exponent, backend=backend)
+    if agent_bias is None and query_bias is None and backend is None and q.dim() == 4 and k.shape[2] == q.shape[2] \
+            and automatic_backend() == "sdpa":
+        out = _two_sdpa_calls(q, k, v, agents, scale, scale**agent_scale_exponent)  # (B, N, H, Dv)
+    else:
+        # Aggregation: agents attend to all keys.
+        agent_values = attention(agents, k, v, mask=agent_bias, scale=scale, backend=backend)  # (B, n, H, Dv)
+        # Broadcast: each query reads from the agents.
+        out = attention(q, agents, agent_values, mask=query_bias, scale=scale**agent_scale_exponent, backend=backend)
     if shortcut or dwc_weight is not None:
         if v.shape[1] != q.shape[1] or v.shape[2] != q.shape[2]:
             raise ValueError(
@@ -110,6 +115,13 @@ def agent_attention(
                 raise ValueError("dwc_weight needs grid=(h, w) to lay the values out as an image")
             out = out + depthwise_conv_values(v, dwc_weight, dwc_bias, grid)
     return out
+
+
+def _two_sdpa_calls(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, scale: float, agent_scale: float) -> Tensor:
+    """Both stages in SDPA's (B, H, L, D) layout, one transpose per tensor (what ``attention()`` does twice)."""
+    qt, kt, vt, at = (t.transpose(1, 2) for t in (q, k, v, agents))  # (B, H, L, D)
+    agent_values = F.scaled_dot_product_attention(at, kt, vt, scale=scale)  # (B, H, n, Dv)
+    return F.scaled_dot_product_attention(qt, at, agent_values, scale=agent_scale).transpose(1, 2)  # (B, N, H, Dv)
 
 
 def expand_agent_bias(bias: Tensor, batch: int) -> Tensor:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .backends.base import AttentionCall, expand_kv_heads
-from .dispatch import report, select
+from .dispatch import automatic_backend, logger, report, select
 from .masks import AttentionMask, as_mask
 
 
@@ -42,8 +44,31 @@ def attention(
     Returns:
         (B, Lq, H, Dv). A query that sees no key gets zeros.
     """
+    if mask is None and backend is None and probs_hook is None and automatic_backend() == "sdpa" \
+            and (torch.compiler.is_compiling() or not logger.isEnabledFor(logging.DEBUG)):  # full path logs
+        out = _sdpa_direct(q, k, v, causal, scale, dropout_p)
+        if out is not None:
+            return out
     call = make_call(q, k, v, mask=mask, causal=causal, scale=scale, dropout_p=dropout_p, probs_hook=probs_hook)
     return select(call, backend).run(call)
+
+
+def _sdpa_direct(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, dropout_p: float) -> Tensor | None:
+    """The common call (no mask object, automatic backend) straight to torch's SDPA: what the sdpa backend
+    would run, without building an :class:`AttentionCall`. None when the call needs the full path (a
+    non-square causal mask, or inputs SDPA refuses, so that the full path can say what is wrong)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or (causal and q.shape[1] != k.shape[1]):
+        return None
+    if not 0.0 <= dropout_p < 1.0:
+        return None
+    try:
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, is_causal=causal,
+            scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+        )  # (B, H, Lq, Dv)
+    except RuntimeError:
+        return None
+    return out.transpose(1, 2)
 
 
 def attention_scores(

@@ -154,35 +154,68 @@ class AttentionMask:
         return keep
 
     def keep_tensor(self, batch: int, Lq: int, Lk: int, device: torch.device | str) -> Tensor | None:
-        """Boolean keep mask broadcastable to (B, H, Lq, Lk), or None when everything is visible."""
+        """Boolean keep mask broadcastable to (B, H, Lq, Lk), or None when everything is visible.
+
+        The index-computable part (causal, window, frames) is built once per (structure, Lq, Lk, device)
+        and cached; key padding is a (B, 1, 1, Lk) view of the given tensor; nothing is rebuilt per call.
+        """
         if not self.has_structure and self.dense is None:
             return None
-        keep: Tensor | None = None
-        if self.has_structure:
-            q_idx = torch.arange(Lq, device=device).view(1, 1, Lq, 1)
-            kv_idx = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
-            nb = self.key_padding.shape[0] if self.key_padding is not None else 1
-            b = torch.arange(nb, device=device).view(nb, 1, 1, 1)
-            if self.key_padding is not None:
-                _check_padding(self.key_padding, batch, Lk)
-                keep = self.allowed(b, q_idx, kv_idx, Lq, Lk)  # (B, 1, Lq, Lk)
-            else:
-                keep = self.allowed(torch.zeros_like(b), q_idx, kv_idx, Lq, Lk)  # (1, 1, Lq, Lk)
+        keep: Tensor | None = _structure_keep(self.causal, self.window, self.frame_tokens, self.direction, Lq, Lk,
+                                              torch.device(device))
+        if self.key_padding is not None:
+            _check_padding(self.key_padding, batch, Lk)
+            padding = self.key_padding.to(device)[:, None, None, :]  # (B, 1, 1, Lk)
+            keep = padding if keep is None else keep & padding
         if self.dense is not None:
             dense = _as_4d(self.dense, "dense").to(device)
             keep = dense if keep is None else keep & dense
         return keep
 
+    def may_have_empty_rows(self, Lq: int, Lk: int) -> bool:
+        """Whether some query can see no key at all under this mask (then backends zero those rows)."""
+        if self.key_padding is not None or self.dense is not None or self.window is not None:
+            return True
+        if self.causal and Lq > Lk:
+            return True
+        return self.frame_tokens is not None and self.direction == "future"
+
     def additive(
-        self, batch: int, Lq: int, Lk: int, dtype: torch.dtype, device: torch.device | str
+        self, batch: int, Lq: int, Lk: int, dtype: torch.dtype, device: torch.device | str,
+        keep: Tensor | None = None,
     ) -> Tensor | None:
-        """Float mask broadcastable to (B, H, Lq, Lk): bias plus -inf where a key is hidden."""
-        keep = self.keep_tensor(batch, Lq, Lk, device)
+        """Float mask broadcastable to (B, H, Lq, Lk): bias plus -inf where a key is hidden (``keep``: this
+        mask's :meth:`keep_tensor` when the caller already has it)."""
+        keep = self.keep_tensor(batch, Lq, Lk, device) if keep is None else keep
         bias = None if self.bias is None else _as_4d(self.bias, "bias").to(device=device, dtype=dtype)
         if keep is None:
             return bias
-        hidden = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
-        return hidden if bias is None else hidden + bias
+        if bias is None:
+            return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+        return torch.where(keep, bias, float("-inf"))
+
+
+_STRUCTURE_CACHE: dict[tuple, Tensor | None] = {}
+_STRUCTURE_CACHE_SIZE = 64
+
+
+def _structure_keep(
+    causal: bool, window: tuple | None, frames: tuple | None, direction: str, Lq: int, Lk: int, device: torch.device
+) -> Tensor | None:
+    """(1, 1, Lq, Lk) bool keep of the index-computable structure (None without one), cached."""
+    if not causal and window is None and frames is None:
+        return None
+    key = (causal, window, frames, direction, Lq, Lk, device)
+    found = _STRUCTURE_CACHE.get(key)
+    if found is None:
+        q_idx = torch.arange(Lq, device=device).view(1, 1, Lq, 1)
+        kv_idx = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
+        shape = AttentionMask(causal=causal, window=window, frame_tokens=frames, direction=direction)
+        found = shape.allowed(torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device), q_idx, kv_idx, Lq, Lk)
+        if len(_STRUCTURE_CACHE) >= _STRUCTURE_CACHE_SIZE:
+            _STRUCTURE_CACHE.pop(next(iter(_STRUCTURE_CACHE)))
+        _STRUCTURE_CACHE[key] = found
+    return found
 
 
 def _and_optional(a: Tensor | None, b: Tensor | None) -> Tensor | None:

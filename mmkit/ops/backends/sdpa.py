@@ -47,15 +47,16 @@ class SdpaBackend(AttentionBackend):
         k = call.k.transpose(1, 2)  # (B, Hkv, Lk, D)
         v = call.v.transpose(1, 2)  # (B, Hkv, Lk, Dv)
         mask = call.mask
-        attn_mask = None
+        attn_mask = keep = None
         is_causal = False
         if mask is not None:
             if mask.only_causal and call.len_q == call.len_k:
                 is_causal = True  # top-left == bottom-right when square: no mask tensor at all
-            elif mask.bias is None:
-                attn_mask = mask.keep_tensor(call.batch, call.len_q, call.len_k, call.device)
             else:
-                attn_mask = mask.additive(call.batch, call.len_q, call.len_k, q.dtype, call.device)
+                keep = mask.keep_tensor(call.batch, call.len_q, call.len_k, call.device)  # (B|1, 1, Lq, Lk)
+                attn_mask = keep
+                if mask.bias is not None:
+                    attn_mask = mask.additive(call.batch, call.len_q, call.len_k, q.dtype, call.device, keep=keep)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -66,4 +67,12 @@ class SdpaBackend(AttentionBackend):
             scale=call.scale,
             enable_gqa=call.kv_heads != call.heads,
         )  # (B, H, Lq, Dv)
+        if keep is not None and mask.may_have_empty_rows(call.len_q, call.len_k):
+            out = zero_empty_rows(out, keep)
         return out.transpose(1, 2)
+
+
+def zero_empty_rows(out: Tensor, keep: Tensor) -> Tensor:
+    """Set the rows of out (B, H, Lq, Dv) whose keep (B|1, 1|H, Lq, Lk) row is all False to zeros: the
+    contract of :func:`mmkit.ops.attention`, whatever a kernel returns there (NaN, or an average of V)."""
+    return out.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
