@@ -249,3 +249,38 @@ def test_sdpa_backend_zeros_rows_that_see_no_key_even_if_the_kernel_returns_garb
     ref = attention(q.double(), k.double(), v.double(), backend="eager", **kw).float()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert (ref == 0).all(dim=-1).any(), "the case must have a row that sees no key"
+
+
+@pytest.mark.parametrize("d, dv", [(40, 40), (80, 40), (24, 160), (8, 8)])
+def test_triton_head_dims_that_are_not_powers_of_two(d, dv):
+    """SD's 40 / 80 / 160 run as two power-of-two chunks (32 + 16, 64 + 16, 128 + 32) without padding to 64+."""
+    from mmkit.ops.backends.triton import head_dim_chunks
+
+    assert head_dim_chunks(40) == (32, 16) and head_dim_chunks(80) == (64, 16) and head_dim_chunks(160) == (128, 32)
+    assert head_dim_chunks(64) == (64, 0) and head_dim_chunks(24) == (32, 0) and head_dim_chunks(8) == (16, 0)
+    q, k, v = make_qkv(D=d, Dv=dv)
+    mask = key_padding(torch.tensor([LK, 4]), LK) & causal()
+    out = attention(q, k, v, mask=mask, backend="triton")
+    torch.testing.assert_close(out.double(), oracle(q, k, v, mask=mask), atol=2e-5, rtol=2e-5)
+
+
+def test_triton_autotune_configs_cover_the_hopper_choices():
+    from mmkit.ops.backends.triton import CUDA_CONFIGS
+
+    assert {(bm, bn) for bm, bn, _, _ in CUDA_CONFIGS} >= {(128, 64), (128, 128), (64, 64)}
+    assert {w for _, _, w, _ in CUDA_CONFIGS} == {4, 8} and {st for *_, st in CUDA_CONFIGS} >= {2, 3, 4}
+
+
+def test_flex_block_masks_are_built_once_per_mask_tensor_and_shape():
+    from mmkit.ops.backends.compiled import _block_mask
+
+    keep = torch.tensor([[True] * LK, [True] * 4 + [False] * (LK - 4)])
+    mask = key_padding(keep) & causal()
+    first = _block_mask(mask, B, H, LQ, LK, torch.device("cpu"))
+    assert _block_mask(mask, B, H, LQ, LK, torch.device("cpu")) is first  # reused, not rebuilt
+    assert _block_mask(key_padding(keep) & causal(), B, H, LQ, LK, torch.device("cpu")) is first  # same tensor
+    keep[1, 5] = True  # an in-place change is a new mask
+    assert _block_mask(mask, B, H, LQ, LK, torch.device("cpu")) is not first
+    small = _block_mask(causal(), B, H, LQ, LK, torch.device("cpu"))
+    assert _block_mask(causal(), B, H, LQ, LK, torch.device("cpu")) is small  # structure only: by shape
+    assert _block_mask(causal(), B, H, LQ + 2, LK + 2, torch.device("cpu")) is not small

@@ -43,3 +43,20 @@ def test_the_op_counter_of_the_overhead_benchmark_counts_dispatched_ops():
         (x + 1).mul(2).sum()
     assert counted.counts == {"aten.add.Tensor": 1, "aten.mul.Tensor": 1, "aten.sum.default": 1}
     assert counted.total == 3
+
+
+def test_the_gpu_benchmark_builds_every_variant_in_a_dry_run(tmp_path):
+    """benchmarks/gpu.py --dry-run: each kernel, mask, agent and UNet variant (eager and compiled) runs at tiny
+    sizes on the CPU and returns finite values; nothing is timed."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu.py")
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, script, "--dry-run", "--json", str(out)], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = [r["name"] for r in json.loads(out.read_text())]
+    for expected in ("attention d40", "window", "agent attention", "UNet step 128px: agent_sd compiled",
+                     "UNet step 256px: bound"):
+        assert any(n.startswith(expected) for n in names), (expected, names)

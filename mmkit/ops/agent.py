@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -120,7 +121,15 @@ def agent_attention(
 def _two_sdpa_calls(q: Tensor, k: Tensor, v: Tensor, agents: Tensor, scale: float, agent_scale: float) -> Tensor:
     """Both stages in SDPA's (B, H, L, D) layout, one transpose per tensor (what ``attention()`` does twice)."""
     qt, kt, vt, at = (t.transpose(1, 2) for t in (q, k, v, agents))  # (B, H, L, D)
-    agent_values = F.scaled_dot_product_attention(at, kt, vt, scale=scale)  # (B, H, n, Dv)
+    if q.is_cuda and not torch.compiler.is_compiling():
+        # The skinny stage (n ~ 49 queries over N keys): torch's automatic choice on Hopper, cuDNN, ran at
+        # about half the flash kernel's speed there (H200, 2026-11-29); name the kernels explicitly.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            agent_values = F.scaled_dot_product_attention(at, kt, vt, scale=scale)  # (B, H, n, Dv)
+    else:
+        agent_values = F.scaled_dot_product_attention(at, kt, vt, scale=scale)  # (B, H, n, Dv)
     return F.scaled_dot_product_attention(qt, at, agent_values, scale=agent_scale).transpose(1, 2)  # (B, N, H, Dv)
 
 

@@ -10,6 +10,7 @@ On CPU flex_attention is inference-only: calls that need gradients are refused.
 from __future__ import annotations
 
 import shutil
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -19,7 +20,7 @@ from ..masks import AttentionMask
 from .base import AttentionBackend, AttentionCall
 
 _COMPILED = None
-_BLOCK_MASKS: OrderedDict[tuple, object] = OrderedDict()
+_BLOCK_MASKS: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (weakrefs of the mask's tensors, block mask)
 _BLOCK_MASK_CACHE_SIZE = 16
 # Dynamo allows 8 compiled variants of flex_attention per process and then silently runs an
 # unfused fallback. Our calls raise the limit and make hitting it an error instead.
@@ -52,12 +53,16 @@ def _structure_params(mask: AttentionMask, Lq: int, Lk: int, device: torch.devic
 def _block_mask(mask: AttentionMask, batch: int, heads: int, Lq: int, Lk: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    # Index-only structures are cached; tensor-backed ones (padding, dense) are rebuilt per call.
-    cacheable = mask.key_padding is None and mask.dense is None
-    key = (mask.causal, mask.window, mask.frame_tokens, mask.direction, batch, Lq, Lk, str(device))
-    if cacheable and key in _BLOCK_MASKS:
+    # Built once per (structure, tensors, shape, device) and reused: a block mask costs a kernel launch per
+    # key block to build. Tensor-backed parts (padding, dense) are keyed by the tensor's identity and
+    # version, so the same padding tensor reuses its block mask and an in-place change rebuilds it.
+    tensors = tuple(t for t in (mask.key_padding, mask.dense) if t is not None)
+    key = (mask.causal, mask.window, mask.frame_tokens, mask.direction, batch, heads if mask.dense is not None else 0,
+           Lq, Lk, str(device), *((id(t), t._version, tuple(t.shape)) for t in tensors))
+    cached = _BLOCK_MASKS.get(key)
+    if cached is not None and all(ref() is t for ref, t in zip(cached[0], tensors)):
         _BLOCK_MASKS.move_to_end(key)
-        return _BLOCK_MASKS[key]
+        return cached[1]
     P = _structure_params(mask, Lq, Lk, device)
     kp = mask.key_padding if mask.key_padding is not None else torch.ones(1, Lk, dtype=torch.bool, device=device)
     kp = kp.to(device).expand(batch, Lk).contiguous()  # one layout, so padding never forces a recompile
@@ -83,16 +88,17 @@ def _block_mask(mask: AttentionMask, batch: int, heads: int, Lq: int, Lk: int, d
         return keep
 
     bm = create_block_mask(mask_mod, batch, heads if dense is not None else None, Lq, Lk, device=device)
-    if cacheable:
-        _BLOCK_MASKS[key] = bm
-        if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
-            _BLOCK_MASKS.popitem(last=False)
+    _BLOCK_MASKS[key] = (tuple(weakref.ref(t) for t in tensors), bm)
+    if len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
+        _BLOCK_MASKS.popitem(last=False)
     return bm
 
 
 class CompiledBackend(AttentionBackend):
     name = "compiled"
-    summary = "torch.compile(flex_attention): block-sparse structured masks (inference on CPU)"
+    summary = ("torch.compile(flex_attention): block-sparse structured masks (inference on CPU); pays for sparse "
+               "structure (windows, frame blocks, long causal) on a GPU, compiles once per shape; for full or "
+               "padding-only attention sdpa is faster")
 
     def unavailable(self) -> str | None:
         try:

@@ -45,12 +45,14 @@ def _build_kernel():
         skpb, skpn,
         sbb, sbh, sbm, sbn,
         sdb, sdh, sdm, sdn,
-        H, groups, Lq, Lk, D, Dv, qk_scale,
+        H, groups, Lq, Lk, D, Dv, qk_scale, LK_BUCKET,
         offset, win_left, win_right, frame_q, frame_k,
         HAS_KP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DENSE: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, FRAME: tl.constexpr,
         IEEE: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        D1: tl.constexpr, D2: tl.constexpr, DV1: tl.constexpr, DV2: tl.constexpr,
+        HAS_D2: tl.constexpr, HAS_DV2: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         LOG2E: tl.constexpr = 1.4426950408889634
         pid_m = tl.program_id(0)
@@ -60,15 +62,21 @@ def _build_kernel():
         hk = h // groups
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
+        # A head dim that is not a power of two is read as two power-of-two chunks (40 = 32 + 16,
+        # 80 = 64 + 16, 160 = 128 + 32), so little of each tile is padding.
+        offs_d1 = tl.arange(0, D1)
+        offs_d2 = D1 + tl.arange(0, D2)
+        offs_dv1 = tl.arange(0, DV1)
+        offs_dv2 = DV1 + tl.arange(0, DV2)
         row_ok = offs_m < Lq
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-            mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-        )  # (BLOCK_M, BLOCK_D)
+        q_base = Q + b * sqb + h * sqh + offs_m[:, None] * sqm
+        q1 = tl.load(q_base + offs_d1[None, :] * sqd, mask=row_ok[:, None] & (offs_d1[None, :] < D), other=0.0)
         if DOT_FP32:
-            q = q.to(tl.float32)
+            q1 = q1.to(tl.float32)
+        if HAS_D2:
+            q2 = tl.load(q_base + offs_d2[None, :] * sqd, mask=row_ok[:, None] & (offs_d2[None, :] < D), other=0.0)
+            if DOT_FP32:
+                q2 = q2.to(tl.float32)
 
         # The range of keys any row of this tile can see; blocks outside it are never loaded.
         m_first = pid_m * BLOCK_M
@@ -89,20 +97,27 @@ def _build_kernel():
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_M, DV1], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, DV2], dtype=tl.float32)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < Lk
-            k = tl.load(
-                K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0,
-            )  # (BLOCK_D, BLOCK_N)
+            k_base = K + b * skb + hk * skh + offs_n[None, :] * skn
+            k1 = tl.load(k_base + offs_d1[:, None] * skd, mask=col_ok[None, :] & (offs_d1[:, None] < D), other=0.0)
             if DOT_FP32:
-                k = k.to(tl.float32)
+                k1 = k1.to(tl.float32)
             if IEEE:
-                s = tl.dot(q, k, input_precision="ieee")
+                s = tl.dot(q1, k1, input_precision="ieee")
             else:
-                s = tl.dot(q, k)
+                s = tl.dot(q1, k1)
+            if HAS_D2:
+                k2 = tl.load(k_base + offs_d2[:, None] * skd, mask=col_ok[None, :] & (offs_d2[:, None] < D), other=0.0)
+                if DOT_FP32:
+                    k2 = k2.to(tl.float32)
+                if IEEE:
+                    s += tl.dot(q2, k2, input_precision="ieee")
+                else:
+                    s += tl.dot(q2, k2)
             s = s * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
             keep = row_ok[:, None] & col_ok[None, :]
             if HAS_BIAS:
@@ -138,38 +153,75 @@ def _build_kernel():
             p = tl.math.exp2(s - m_shift[:, None])
             alpha = tl.math.exp2(m_i - m_shift)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0,
-            )  # (BLOCK_N, BLOCK_DV)
+            v_base = V + b * svb + hk * svh + offs_n[:, None] * svn
+            v1 = tl.load(v_base + offs_dv1[None, :] * svd, mask=col_ok[:, None] & (offs_dv1[None, :] < Dv), other=0.0)
             if DOT_FP32:
-                v = v.to(tl.float32)
+                v1 = v1.to(tl.float32)
             if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision="ieee")
             else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
+                acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
+            if HAS_DV2:
+                v2 = tl.load(v_base + offs_dv2[None, :] * svd, mask=col_ok[:, None] & (offs_dv2[None, :] < Dv),
+                             other=0.0)
+                if DOT_FP32:
+                    v2 = v2.to(tl.float32)
+                if IEEE:
+                    acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision="ieee")
+                else:
+                    acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
             m_i = m_new
 
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key stay 0
-        tl.store(
-            Out + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-            out.to(Out.dtype.element_ty),
-            mask=row_ok[:, None] & (offs_dv[None, :] < Dv),
-        )
+        norm = tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key stay 0
+        o_base = Out + b * sob + h * soh + offs_m[:, None] * som
+        tl.store(o_base + offs_dv1[None, :] * sod, (acc1 / norm).to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dv1[None, :] < Dv))
+        if HAS_DV2:
+            tl.store(o_base + offs_dv2[None, :] * sod, (acc2 / norm).to(Out.dtype.element_ty),
+                     mask=row_ok[:, None] & (offs_dv2[None, :] < Dv))
 
     return attn_fwd
 
 
 def _kernel():
+    """The kernel for this mode: plain under the interpreter, autotuned over :data:`CUDA_CONFIGS` on a GPU."""
     mode = interpret_mode()
     if mode not in _KERNELS:
-        _KERNELS[mode] = _build_kernel()
+        kernel = _build_kernel()
+        if not mode:
+            import triton
+
+            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                       for bm, bn, w, st in CUDA_CONFIGS]
+            kernel = triton.autotune(configs=configs, key=["D", "Dv", "LK_BUCKET"])(kernel)
+        _KERNELS[mode] = kernel
     return _KERNELS[mode]
 
 
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (n - 1).bit_length())
+
+
+def head_dim_chunks(d: int) -> tuple[int, int]:
+    """Two power-of-two tile widths (>= 16 each, or 0 for the second) covering head dim ``d`` with the least
+    padding: 40 -> (32, 16), 64 -> (64, 0), 80 -> (64, 16), 160 -> (128, 32), 8 -> (16, 0)."""
+    if d <= 16:
+        return 16, 0
+    first = 1 << (d.bit_length() - 1)  # the largest power of two <= d
+    rest = d - first
+    if rest == 0:
+        return first, 0
+    second = _pow2(rest)
+    if second >= first:  # e.g. 24 -> (16, 16): one tile of 32 pads the same
+        return _pow2(d), 0
+    return first, second
+
+
+# Autotuned on CUDA per (head dims, key length bucket): the usual Hopper / Ampere choices.
+CUDA_CONFIGS = (  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 2), (64, 128, 4, 3), (128, 32, 4, 4),
+)
+INTERPRETER_BLOCKS = (16, 16)  # the CPU interpreter: small tiles, no tuning
 
 
 def _strides4(t: Tensor | None) -> tuple[int, int, int, int]:
@@ -230,16 +282,21 @@ class TritonBackend(AttentionBackend):
             if m.dense is not None:
                 dense = _expand4(m.dense, B, H, Lq, Lk).to(device=q.device, dtype=torch.uint8)
         wl, wr = window if window is not None else (None, None)
-        block_m = 64 if q.is_cuda else 16
-        block_n = 64 if q.is_cuda else 16
-        grid = (math.ceil(Lq / block_m), B * H)
+        d1, d2 = head_dim_chunks(D)
+        dv1, dv2 = head_dim_chunks(Dv)
+        tuned = not interpret_mode()
+        blocks = {} if tuned else dict(zip(("BLOCK_M", "BLOCK_N"), INTERPRETER_BLOCKS))
+
+        def grid(meta):
+            return (math.ceil(Lq / meta["BLOCK_M"]), B * H)
+
         _kernel()[grid](
             q, k, v, out,
             kp if kp is not None else q, bias if bias is not None else q, dense if dense is not None else q,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *(kp.stride() if kp is not None else (0, 0)),
             *_strides4(bias), *_strides4(dense),
-            H, H // Hkv, Lq, Lk, D, Dv, call.scale * 1.4426950408889634,
+            H, H // Hkv, Lq, Lk, D, Dv, call.scale * 1.4426950408889634, _pow2(Lk, 64),
             Lk - Lq, wl or 0, wr or 0, frame[0] if frame else 1, frame[1] if frame else 1,
             HAS_KP=kp is not None, HAS_BIAS=bias is not None, HAS_DENSE=dense is not None,
             CAUSAL=bool(causal), HAS_WL=wl is not None, HAS_WR=wr is not None,
@@ -248,7 +305,7 @@ class TritonBackend(AttentionBackend):
             # Triton's CPU interpreter computes tl.dot on bfloat16 operands wrongly (numpy has no
             # bfloat16); there the dots take fp32 operands. GPUs keep native low-precision dots.
             DOT_FP32=q.dtype == torch.bfloat16 and not q.is_cuda,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv),
+            D1=d1, D2=d2 or 16, DV1=dv1, DV2=dv2 or 16, HAS_D2=d2 > 0, HAS_DV2=dv2 > 0, **blocks,
         )
         return out
 
