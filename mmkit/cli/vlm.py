@@ -66,6 +66,7 @@ def _vqa(args: argparse.Namespace) -> int:
 
 def _prepare_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--whisper", default="openai/whisper-tiny.en", help="audio encoder to convert ('' = none)")
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -76,12 +77,18 @@ def _prepare(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     load_causal_lm(args.llm)
     print(f"{args.llm}: ready in {converted_dir(args.llm)} ({time.perf_counter() - t0:.1f} s)")
+    if args.whisper:
+        from ..encoders import whisper
+
+        t0 = time.perf_counter()
+        whisper.load_whisper(args.whisper)
+        print(f"{args.whisper}: ready in {whisper.converted_dir(args.whisper)} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
 COMMANDS = (
     Command("caption", "caption images with a trained connector", _caption_args, _caption),
     Command("vqa", "answer questions about an image with a trained connector", _vqa_args, _vqa),
-    Command("prepare", "convert the offline weight carriers once (e.g. SmolLM2 GGUF -> cached fp32 folder)",
+    Command("prepare", "convert the offline weight carriers once (SmolLM2 GGUF, Whisper CTranslate2 -> cached folders)",
             _prepare_args, _prepare),
 )
