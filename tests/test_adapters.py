@@ -14,9 +14,16 @@ from mmkit.models.bundle import read_bundle
 
 
 def connector_for(kind, llm, vision_dim=10):
-    connector = build_connector(kind, vision_dim=vision_dim, llm_dim=llm.hidden_size)
+    """A small instance of every registered kind (its own example_config), prepared on a few captions."""
+    from mmkit.adapters import ADAPTERS
+
+    connector = build_connector(kind, **ADAPTERS.get(kind).example_config(vision_dim, llm.hidden_size))
     connector.prepare(llm=llm, texts=["a red circle", "a blue star", "two green squares"])
     return connector
+
+
+FEATURES = torch.randn(4, 6, 10)  # 6 tokens of width 10 per sample (2 frames of 3 tokens for frame-based kinds)
+RAGGED = torch.tensor([[True] * 6, [True] * 3 + [False] * 3, [True] * 6, [True] * 6])  # sample 1 is shorter
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +38,10 @@ def test_only_connector_parameters_change_after_three_steps(kind, llm):
     model = VisionLanguageModel(None, connector_for(kind, llm), llm, caption_prompt="<image> caption :")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    feats, caps = torch.randn(4, 3, 10), ["a red circle", "a blue star", "two green squares", "a red star"]
-    for _ in range(3):
-        out = model(feats, ["<image> caption :"] * 4, caps, alignment_texts=caps)
+    feats, caps = FEATURES, ["a red circle", "a blue star", "two green squares", "a red star"]
+    for step in range(3):
+        mask = RAGGED if step == 1 else None  # (a batch with a shorter sample among them)
+        out = model(feats, ["<image> caption :"] * 4, caps, alignment_texts=caps, feature_mask=mask)
         out["loss"].backward()
         opt.step()
         opt.zero_grad()
@@ -52,9 +60,12 @@ def test_save_load_gives_identical_outputs_and_plain_keys(kind, llm, tmp_path):
             p.add_(torch.randn_like(p))  # not the init: a trained-looking adapter
     connector.save_adapter(tmp_path / kind, metadata={"note": "x"})
     back, meta = load_adapter(tmp_path / kind)
-    x = torch.randn(2, 3, 10)
+    connector.eval()
+    back.eval()
     assert meta == {"note": "x"} and type(back) is type(connector)
-    assert torch.equal(back(x)[0], connector(x)[0])
+    assert torch.equal(back(FEATURES)[0], connector(FEATURES)[0])
+    ours, mask = back(FEATURES, RAGGED)
+    assert mask is None or mask.shape == ours.shape[:2]
     keys = load_file(str(tmp_path / kind / "adapter.safetensors")).keys()
     assert not any(k.startswith(("module.", "_orig_mod.", "connector.")) for k in keys)
 

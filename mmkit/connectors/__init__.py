@@ -13,11 +13,13 @@ from .base import (
     register_connector,
 )
 from .linear import LinearConnector, LinearConnectorConfig
+from .qformer import QFormerConfig, QFormerConnector
 from .vlap import VLAPConfig, VLAPConnector
 
 # The built-in kinds, registered here explicitly (a plug-in calls register_connector the same way).
 register_connector(LinearConnector)
 register_connector(VLAPConnector)
+register_connector(QFormerConnector)
 
 __all__ = [
     "AuxiliaryLosses",
@@ -26,6 +28,8 @@ __all__ = [
     "LossContext",
     "LinearConnector",
     "LinearConnectorConfig",
+    "QFormerConfig",
+    "QFormerConnector",
     "VLAPConfig",
     "VLAPConnector",
     "build_connector",

@@ -76,6 +76,11 @@ class Connector(Adapter):
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return num_input_tokens
 
+    @classmethod
+    def example_config(cls, vision_dim: int, llm_dim: int) -> dict:
+        """Config keywords of a small instance, for the generic tests every registered connector gets."""
+        return {"vision_dim": vision_dim, "llm_dim": llm_dim}
+
     def prepare(self, *, llm: FrozenLM, texts: Sequence[str]) -> None:
         """Set up what the objective needs from the training data (default: nothing)."""
 

@@ -1,0 +1,118 @@
+"""FAVOR's causal Q-Former connector: BLIP-2 equivalence, the causal mask, windows, diversity, compile."""
+
+import pytest
+import torch
+
+from mmkit.connectors import build_connector
+from mmkit.connectors.qformer import BertAttention
+from mmkit.ops import block_causal
+from mmkit.testing import tiny_qformer
+
+
+def blip2_sized(**overrides):
+    """A QFormer connector shaped like mmkit.testing.tiny_qformer (hidden 48, 3 heads, FFN 68, encoder width 40)."""
+    cfg = dict(vision_dim=40, llm_dim=8, num_queries=5, hidden_size=48, num_heads=3, intermediate_size=68,
+               tokens_per_frame=4, frames_per_window=3, encoder_heads=4, hidden_dropout=0.0, attention_dropout=0.0,
+               encoder_attention="none", window_positions=False)
+    cfg.update(overrides)
+    return build_connector("qformer", **cfg).eval()
+
+
+def test_with_the_causal_part_off_it_is_the_transformers_blip2_qformer():
+    reference = tiny_qformer(seed=3).eval()
+    ours = blip2_sized()
+    left = ours.load_blip2_qformer(reference)
+    assert left == ["proj.bias", "proj.weight", "query_tokens"]  # FAVOR's own parts (BLIP-2 keeps queries outside)
+    g = torch.Generator().manual_seed(0)
+    window = torch.randn(2, 12, 40, generator=g)
+    mask = torch.tensor([[True] * 12, [True] * 7 + [False] * 5])
+    with torch.no_grad():
+        theirs = reference(query_embeds=ours.query_tokens.expand(2, -1, -1), encoder_hidden_states=window,
+                           encoder_attention_mask=mask.long()).last_hidden_state
+        mine = ours.query_states(window, mask)
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    # a whole BLIP-2 state dict (qformer.* + query_tokens) loads the same way, query tokens included
+    blip2_state = {f"qformer.{k}": v for k, v in reference.state_dict().items()}
+    blip2_state["query_tokens"] = torch.randn(1, 5, 48)
+    other = blip2_sized()
+    assert "query_tokens" not in other.load_blip2_qformer(blip2_state)
+    assert torch.equal(other.query_tokens, blip2_state["query_tokens"])
+
+
+def test_a_blip2_checkpoint_of_other_sizes_is_refused_naming_the_shapes():
+    with pytest.raises(ValueError, match=r"does not fit this QFormerConfig .*\(48,\), \(32,\)"):
+        blip2_sized(hidden_size=32, num_heads=2).load_blip2_qformer(tiny_qformer())
+    with pytest.raises(ValueError, match="no Q-Former layer weights"):
+        blip2_sized().load_blip2_qformer({"vision_model.x": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("direction", ["past", "future"])
+def test_the_block_mask_lets_a_frame_see_only_its_own_side(direction):
+    """Per-frame block mask: with 'past', changing frame 2 leaves frames 0-1 as they were; 'future' mirrors it."""
+    torch.manual_seed(0)
+    block = BertAttention(16, 2, eps=1e-12, dropout=0.0, attention_dropout=0.0).eval()
+    x = torch.randn(1, 9, 16)  # 3 frames of 3 tokens
+    changed = x.clone()
+    frame = slice(6, 9) if direction == "past" else slice(0, 3)
+    changed[:, frame] += 1.0
+    mask = block_causal(3, direction=direction)
+    with torch.no_grad():
+        a, b = block(x, mask=mask), block(changed, mask=mask)
+    untouched = slice(0, 6) if direction == "past" else slice(3, 9)
+    torch.testing.assert_close(a[:, untouched], b[:, untouched], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, frame], b[:, frame])
+
+
+def test_windows_are_ragged_per_clip_and_independent_of_padding():
+    ours = blip2_sized(encoder_attention="past", window_positions=True)
+    clip = torch.randn(1, 5 * 4, 40)  # 5 frames of 4 tokens
+    short = torch.randn(1, 2 * 4, 40)  # 2 frames
+    batch = torch.cat([clip, torch.cat([short, torch.randn(1, 12, 40)], 1)])  # the short clip padded with noise
+    mask = torch.tensor([[True] * 20, [True] * 8 + [False] * 12])
+    with torch.no_grad():
+        tokens, out_mask = ours(batch, mask)
+        alone, _ = ours(clip)
+        short_alone, short_mask = ours(short)
+    assert tokens.shape == (2, 2 * 5, 8) and ours.num_output_tokens(20) == 10  # ceil(5 frames / 3) windows of 5 queries
+    assert out_mask.tolist() == [[True] * 10, [True] * 5 + [False] * 5]
+    torch.testing.assert_close(tokens[0], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens[1, :5], short_alone[0], atol=1e-5, rtol=1e-5)  # padding changes nothing
+    with pytest.raises(ValueError, match="whole frames of tokens_per_frame=4"):
+        ours(torch.randn(1, 7, 40))
+
+
+def test_diversity_loss_is_the_mean_pairwise_cosine_of_real_windows():
+    from mmkit.connectors import LossContext
+
+    ours = blip2_sized(diversity_weight=0.01)
+    tokens = torch.randn(2, 10, 8)
+    mask = torch.tensor([[True] * 10, [True] * 5 + [False] * 5])
+    out = ours.losses(tokens, mask, LossContext(llm=None))
+    windows = [tokens[0, :5], tokens[0, 5:], tokens[1, :5]]
+    expected = []
+    for w in windows:
+        z = torch.nn.functional.normalize(w, dim=-1)
+        sim = z @ z.T
+        expected.append((sim.sum() - sim.diagonal().sum()) / 20)
+    torch.testing.assert_close(out.logged["diversity_loss"], torch.stack(expected).mean())
+    torch.testing.assert_close(out.total, 0.01 * out.logged["diversity_loss"])
+    assert blip2_sized(diversity_weight=0.0).losses(tokens, mask, LossContext(llm=None)) is None
+
+
+def test_the_connector_compiles_into_one_graph():
+    import torch._dynamo as dynamo
+
+    ours = blip2_sized(encoder_attention="past", window_positions=True)
+    mask = torch.tensor([[True] * 20, [True] * 8 + [False] * 12])
+    dynamo.reset()
+    explained = dynamo.explain(ours)(torch.randn(2, 20, 40), mask)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    dynamo.reset()
+
+
+def test_favors_defaults():
+    cfg = build_connector("qformer", vision_dim=1536, llm_dim=4096).config
+    assert (cfg.num_layers, cfg.num_queries, cfg.hidden_size, cfg.num_heads, cfg.cross_attention_every,
+            cfg.frames_per_window, cfg.encoder_attention, cfg.diversity_weight) == (2, 32, 768, 12, 1, 10, "past", 0.01)
+    with pytest.raises(ValueError, match="encoder_attention must be one of"):
+        build_connector("qformer", vision_dim=8, llm_dim=8, encoder_attention="causal")
