@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from mmkit.data.av_sync import synchronise
-from mmkit.data.clips import KINDS, ClipConfig, ShapesWorldClips, clip_audio, clip_caption, clip_frames, clip_questions
+from mmkit.data.clips import (
+    KINDS,
+    ClipConfig,
+    ShapesWorldClips,
+    clip_audio,
+    clip_caption,
+    clip_frames,
+    clip_questions,
+)
 
 
 def test_clips_are_a_function_of_the_seed_and_the_questions_are_true():
