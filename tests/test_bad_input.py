@@ -121,7 +121,7 @@ RECIPE_CASES = [
     ("log_every 0", ["train.log_every=0"], r"train.log_every must be an integer >= 1"),
     ("save_every 0", ["train.save_every=0"], r"train.save_every must be an integer >= 1"),
     ("no steps", ["train.max_train_steps=0"], r"max_train_steps must be an integer >= 1"),
-    ("unknown connector", ["model.connector=foo"], r"unknown connector kind 'foo'; accepted: linear, qformer, vlap"),
+    ("unknown connector", ["model.connector=foo"], r"unknown connector kind 'foo'; accepted: linear, mean_frames, qformer, vlap"),
     ("unknown source option", ["data.options.rendersize=3"], r"did you mean 'render_size'"),
     ("batch larger than the data", ["train.batch_size=64"], r"batch_size 64 is larger than the 24 training examples"),
 ]

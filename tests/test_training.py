@@ -43,6 +43,7 @@ def test_every_registered_data_source_follows_the_protocol(tmp_path):
     coco, vqa = export_coco_captions(world, tmp_path / "coco"), export_vqa(world, tmp_path / "vqa")
     options = {
         "shapesworld": {"render_size": 32},
+        "shapesworld_clips": {"render_size": 32, "duration": 2.0},
         "coco": {"captions": str(coco), "images": str(coco.parent / "images")},
         "vqa": {"questions": str(vqa[0]), "annotations": str(vqa[1]), "images": str(vqa[0].parent / "images")},
     }
@@ -51,7 +52,8 @@ def test_every_registered_data_source_follows_the_protocol(tmp_path):
         source = open_source(DataConfig(source=name, split="val", size=3, options=options[name],
                                         tasks={"caption": 1, "vqa": 1}))
         assert len(source) == 3 and len(set(source.ids())) == 3
-        assert source.image(0).size[0] > 0
+        item = source.image(0)  # an image, or a clip of frames
+        assert (item.frames[0] if hasattr(item, "frames") else item).size[0] > 0
         examples = source.examples(caption_prompt="<image>Caption:", vqa_prompt="<image>Q: {question} A:")
         assert examples and all(0 <= ex.index < 3 and ex.target for ex in examples)
         assert source.signature()["source"] == name

@@ -13,6 +13,7 @@ from .base import (
     register_connector,
 )
 from .linear import LinearConnector, LinearConnectorConfig
+from .mean_frames import MeanFramesConfig, MeanFramesConnector
 from .qformer import QFormerConfig, QFormerConnector
 from .vlap import VLAPConfig, VLAPConnector
 
@@ -20,6 +21,7 @@ from .vlap import VLAPConfig, VLAPConnector
 register_connector(LinearConnector)
 register_connector(VLAPConnector)
 register_connector(QFormerConnector)
+register_connector(MeanFramesConnector)
 
 __all__ = [
     "AuxiliaryLosses",
@@ -28,6 +30,8 @@ __all__ = [
     "LossContext",
     "LinearConnector",
     "LinearConnectorConfig",
+    "MeanFramesConfig",
+    "MeanFramesConnector",
     "QFormerConfig",
     "QFormerConnector",
     "VLAPConfig",

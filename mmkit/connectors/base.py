@@ -116,6 +116,14 @@ def build_connector(kind: str, **config) -> Connector:
     return build_adapter(kind, family="connector", **config)
 
 
+def check_connector_options(kind: str, options: dict) -> None:
+    """Fail now on an unknown kind or option (before the sizes are known, e.g. before minutes of feature caching)."""
+    from ..adapters import ADAPTERS
+
+    cls = ADAPTERS.get(kind, among=connector_kinds(), what="connector kind")
+    cls.config_class.from_dict({**options, "vision_dim": 0, "llm_dim": 0})
+
+
 def load_connector(directory: str | os.PathLike) -> tuple[Connector, dict]:
     """(connector, metadata) from an adapter folder (or a legacy ``connector.json`` folder). Never unpickles."""
     return load_adapter(directory, family="connector")

@@ -289,7 +289,78 @@ class VQASource(_FileSource):
         return out
 
 
-for _cls in (ShapesWorldSource, CocoSource, VQASource):
+# ---------------------------------------------------------------------- ShapesWorld clips
+class ShapesWorldClipsSource(DataSource):
+    """ShapesWorld clips (:mod:`mmkit.data.clips`): each item is a :class:`~mmkit.encoders.av.MediaClip` of
+    rendered frames and the audio track; questions on order, motion and sound; the caption tells the clip."""
+
+    name = "shapesworld_clips"
+
+    @dataclass
+    class Options(StrictConfig):
+        render_size: int = 224
+        fps: float = 2.0
+        duration: float = 4.0
+        max_objects: int = 3
+        audio: bool = True
+
+    def __init__(self, config: DataConfig) -> None:
+        from .clips import ClipConfig, ShapesWorldClips, _clip_world
+
+        super().__init__(config)
+        o = self.options
+        world = _clip_world().replace(image_size=o.render_size, max_objects=o.max_objects)
+        self.dataset = ShapesWorldClips(ClipConfig(world=world, fps=o.fps, duration=o.duration), split=config.split,
+                                        size=config.size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def item_id(self, i: int) -> str:
+        return f"{self.config.split}-clip-{i:06d}"
+
+    def image(self, i: int):
+        from ..encoders.av import MediaClip
+        from .clips import clip_audio, clip_frames
+
+        clip = self.dataset.clip(i)
+        return MediaClip(frames=clip_frames(clip), audio=clip_audio(clip) if self.options.audio else None,
+                         fps=self.options.fps, duration=self.options.duration)
+
+    def references(self, i: int) -> list[str]:
+        return [self.caption(i)]
+
+    def caption(self, i: int) -> str | None:
+        from .clips import clip_caption
+
+        return clip_caption(self.dataset.clip(i))
+
+    def questions(self, i: int, per_image: int) -> list[Question]:
+        from .clips import clip_questions
+
+        qas = clip_questions(self.dataset.clip(i))
+        picked = random.Random(self.dataset.seed_of(i)).sample(qas, min(per_image, len(qas)))
+        return [Question(qa.question, [qa.answer], qa.kind) for qa in picked]
+
+    def examples(self, *, caption_prompt: str, vqa_prompt: str, seed: int | None = None) -> list[Example]:
+        from .clips import clip_caption, clip_questions
+
+        cfg = self.config
+        rng = random.Random(cfg.seed if seed is None else seed)
+        n_cap, n_vqa = int(cfg.tasks.get("caption", 0)), int(cfg.tasks.get("vqa", 0))
+        out: list[Example] = []
+        for i in range(len(self)):
+            clip = self.dataset.clip(i)
+            cap = clip_caption(clip)
+            out += [Example(i, caption_prompt, cap, cap, "caption")] * n_cap
+            if n_vqa:
+                qas = clip_questions(clip)
+                for qa in rng.sample(qas, min(n_vqa, len(qas))):
+                    out.append(Example(i, _vqa_prompt(vqa_prompt, qa.question), qa.answer, cap, f"vqa:{qa.kind}"))
+        return out
+
+
+for _cls in (ShapesWorldSource, CocoSource, VQASource, ShapesWorldClipsSource):
     SOURCES.register(_cls.name, _cls)
 
 

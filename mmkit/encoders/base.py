@@ -50,6 +50,7 @@ class EncoderOutput:
     tokens: torch.Tensor
     pooled: torch.Tensor
     image_embeds: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # (B, N) real tokens, for inputs of different lengths (clips); None = all
 
 
 @dataclass
@@ -243,6 +244,10 @@ ENCODER_FAMILIES.register(
 )
 ENCODER_FAMILIES.register(
     "timm", EncoderFamily("timm:NAME[@none]", "timm:tf_efficientnet_lite0", "mmkit.encoders.timm:load")
+)
+ENCODER_FAMILIES.register(
+    "av", EncoderFamily("av:IMAGE_SPEC+AUDIO", "av:timm:tf_efficientnet_lite0+openai/whisper-tiny.en",
+                        "mmkit.encoders.av:load", split_at=False)
 )
 
 

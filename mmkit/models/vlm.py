@@ -189,7 +189,10 @@ class VisionLanguageModel(nn.Module):
         if features is None:
             if images is None:
                 raise ValueError("generate needs images= or features=")
-            features = self.image_features(_as_list(images))
+            encoded = self.encoder.encode(_as_list(images)) if self.encoder is not None else None
+            if encoded is None:
+                raise ValueError("this model was built without an encoder; pass features= instead")
+            features, feature_mask = encoded.tokens, encoded.mask
         if features.shape[0] != len(prompts):
             raise ValueError(f"{features.shape[0]} images for {len(prompts)} prompts")
         embeds, mask = self.image_embeds(features, feature_mask)
@@ -285,7 +288,7 @@ def _token_counts(embeds: Tensor, mask: Tensor | None) -> int | list[int]:
 
 
 def _as_list(images) -> list:
-    """One image given on its own (a path, a PIL image, an array) -> [image]; a sequence of them as a list."""
-    if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert") or getattr(images, "ndim", 0) == 3:
-        return [images]
-    return list(images)
+    """One input given on its own (a path, a PIL image, an (H, W, 3) array, a clip) -> [it]; lists as they are."""
+    if isinstance(images, (list, tuple)) or getattr(images, "ndim", 0) == 4:
+        return list(images)
+    return [images]

@@ -160,10 +160,9 @@ class VLMTask(TrainingTask):
 
 def train_vlm(cfg: VLMTrainConfig, *, resume: bool = False, overwrite: bool = False, command: str | None = None) -> Path:
     """Run training; returns the folder of the final connector (``output_dir/final``)."""
-    from ..connectors import build_connector
+    from ..connectors.base import check_connector_options
 
-    # a typo in the connector or its options fails here, before minutes of feature caching
-    build_connector(cfg.model.connector, vision_dim=1, llm_dim=1, **cfg.model.connector_options)
+    check_connector_options(cfg.model.connector, cfg.model.connector_options)  # before minutes of feature caching
     loop = TrainingLoop(cfg.train, run_config=cfg, resume=resume, overwrite=overwrite, command=command)
     return loop.run(VLMTask(cfg, loop))
 
