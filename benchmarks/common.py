@@ -105,8 +105,10 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / t / 1e9
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, *, device: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
+    if device:
+        parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="reduced run (< 2 min) measuring every comparison")
     parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

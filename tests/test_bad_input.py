@@ -44,6 +44,8 @@ def world(tiny_parts, tmp_path_factory):
     (root / "torn" / "adapter.safetensors").write_bytes((connector / "adapter.safetensors").read_bytes()[:100])
     (root / "badjson" / "adapter.json").write_text('{"kind": "linear", ')
     (root / "empty").mkdir()
+    (root / "notes.mp4").write_text("not a video")
+    (root / "empty.mp4").write_bytes(b"")
     (root / "folder.png").mkdir()
     return root
 
@@ -76,6 +78,19 @@ CLI_CASES = [
     ("bad adapter.json", ["caption", "{root}/good.png", "--connector", "{root}/badjson"], r"is not valid JSON"),
     ("negative token budget", ["caption", "{root}/good.png", "--max-new-tokens", "-5"], r"expected a positive integer"),
     ("empty question", ["vqa", "{root}/good.png", "  ", "--connector", "{root}/model"], r"question 1 is empty"),
+    ("missing video", ["video-qa", "{root}/nope.mp4", "what?"], r"cannot load clip .*nope.mp4.*no such file"),
+    ("text file as video", ["video-qa", "{root}/notes.mp4", "what?"], r"cannot read video .*notes.mp4"),
+    ("zero-length video", ["video-qa", "{root}/empty.mp4", "what?"], r"cannot read video .*empty.mp4"),
+    ("folder without frames", ["video-qa", "{root}/empty", "what?"], r"empty.*holds no frame images"),
+    ("text file as sound", ["video-qa", "{root}/good.png", "what?", "--audio", "{root}/notes.png"],
+     r"cannot load audio .*notes.png"),
+    ("fps with no whole audio span", ["video-qa", "{root}/good.png", "what?", "--fps", "3"],
+     r"50 / fps must be a whole number"),
+    ("empty question about a clip", ["video-qa", "{root}/good.png", " "], r"question 1 is empty"),
+    ("no video model", ["video-qa", "{root}/good.png", "what?", "--model", "{root}/empty"],
+     r"no trained video model in"),
+    ("image model asked about a clip", ["video-qa", "{root}/good.png", "what?", "--model", "{root}/model"],
+     r"reads single images .*not clips"),
     ("huge seed", ["generate", "a red star", "--seed", "18446744073709551615"], r"out of range; expected a seed"),
     ("output without extension", ["generate", "a red star", "--out", "{root}/grid"], r"unknown image extension"),
     ("output is a folder", ["generate", "a red star", "--out", "{root}/folder.png"], r"folder.png is a folder"),
@@ -123,6 +138,10 @@ RECIPE_CASES = [
     ("no steps", ["train.max_train_steps=0"], r"max_train_steps must be an integer >= 1"),
     ("unknown connector", ["model.connector=foo"], r"unknown connector kind 'foo'; accepted: linear, mean_frames, qformer, vlap"),
     ("unknown source option", ["data.options.rendersize=3"], r"did you mean 'render_size'"),
+    ("pretrained start for a linear connector", ["model.connector=linear", "model.connector_init=blip2/model"],
+     r"connector kind 'linear' cannot start from a pretrained checkpoint; kinds that can: qformer"),
+    ("missing BLIP-2 checkpoint", ["model.connector=qformer", "model.connector_init=nowhere/blip2.safetensors"],
+     r"model.connector_init: no file or folder 'nowhere/blip2.safetensors'"),
     ("batch larger than the data", ["train.batch_size=64"], r"batch_size 64 is larger than the 24 training examples"),
 ]
 

@@ -46,6 +46,38 @@ def test_a_blip2_checkpoint_of_other_sizes_is_refused_naming_the_shapes():
         blip2_sized().load_blip2_qformer({"vision_model.x": torch.zeros(1)})
 
 
+def test_it_starts_from_blip2_files_folders_and_shards_reading_only_what_it_needs(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    reference = tiny_qformer(seed=5)
+    reference.save_pretrained(tmp_path / "qformer")  # a saved Blip2QFormerModel folder
+    ours = blip2_sized()
+    assert ours.init_from_checkpoint(tmp_path / "qformer") == ["proj.bias", "proj.weight", "query_tokens"]
+    assert torch.equal(ours.layers[0].attention.attention.query.weight,
+                       reference.encoder.layer[0].attention.attention.query.weight)
+    # a sharded BLIP-2 checkpoint: the Q-Former shard is read, the vision / LLM shard never opened
+    blip2 = tmp_path / "blip2"
+    blip2.mkdir()
+    qformer_state = {f"qformer.{k}": v.contiguous() for k, v in reference.state_dict().items()}
+    qformer_state["query_tokens"] = torch.randn(1, 5, 48)
+    save_file(qformer_state, str(blip2 / "model-00002-of-00002.safetensors"))
+    (blip2 / "model-00001-of-00002.safetensors").write_bytes(b"not read: it holds only vision_model.* keys")
+    weight_map = {k: "model-00002-of-00002.safetensors" for k in qformer_state}
+    weight_map["vision_model.embeddings.patch_embedding.weight"] = "model-00001-of-00002.safetensors"
+    (blip2 / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    other = blip2_sized()
+    assert other.init_from_checkpoint(blip2) == ["proj.bias", "proj.weight"]
+    assert torch.equal(other.query_tokens, qformer_state["query_tokens"])
+    with pytest.raises(ValueError, match=r"blip2: the BLIP-2 Q-Former does not fit this QFormerConfig"):
+        blip2_sized(hidden_size=32, num_heads=2).init_from_checkpoint(blip2)
+    with pytest.raises(ValueError, match="model-00001-of-00002.safetensors is not a readable safetensors file"):
+        blip2_sized().init_from_checkpoint(blip2 / "model-00001-of-00002.safetensors")
+    with pytest.raises(ValueError, match="cannot start from a pretrained checkpoint.*kinds that can: qformer"):
+        build_connector("linear", vision_dim=4, llm_dim=4).init_from_checkpoint(blip2)
+
+
 @pytest.mark.parametrize("direction", ["past", "future"])
 def test_the_block_mask_lets_a_frame_see_only_its_own_side(direction):
     """Per-frame block mask: with 'past', changing frame 2 leaves frames 0-1 as they were; 'future' mirrors it."""

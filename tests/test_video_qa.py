@@ -58,3 +58,15 @@ def test_tiny_video_qa_recipe_trains_resumes_and_evaluates(tiny_parts, tmp_path)
                     "--feature-cache", str(tmp_path / "f"), "--json", str(out)], tmp_path)
     result = json.loads(out.read_text())[0]
     assert result["vqa"]["num_questions"] >= 8 and {"first", "last", "order", "av"} <= set(result["vqa"])
+    # the command line on a video file written from a held-out clip
+    from mmkit.data.clips import ClipConfig, clip_audio, clip_frames, sample_clip
+    from mmkit.data.media import write_video
+
+    clip = sample_clip(20_000_007, ClipConfig(duration=2.0))
+    video = write_video(tmp_path / "clip.mkv", clip_frames(clip, 30), fps=2, audio=clip_audio(clip), repeat=2)
+    done = subprocess.run([sys.executable, "-m", "mmkit", "video-qa", str(video), "which shape appeared first?",
+                           "--model", str(tmp_path / "run" / "final"), "--max-new-tokens", "2", "--json"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["question"] == "which shape appeared first?"
+

@@ -88,6 +88,12 @@ class Connector(Adapter):
         """The connector's own objective on its outputs ``tokens`` (B, M, D) (default: none)."""
         return None
 
+    def init_from_checkpoint(self, source: str | os.PathLike) -> list[str]:
+        """Start from another project's pretrained weights (a file, model folder or hub name; recipes'
+        ``model.connector_init``). Returns the names of tensors left as initialised. Default: not supported."""
+        raise ValueError(f"connector kind {self.kind!r} cannot start from a pretrained checkpoint "
+                         f"(model.connector_init); kinds that can: {', '.join(initialisable_kinds()) or 'none'}")
+
     def save(self, directory: str | os.PathLike, *, metadata: dict | None = None) -> Path:
         return self.save_adapter(directory, metadata=metadata)
 
@@ -107,6 +113,13 @@ def register_connector(cls: type[Connector], *, replace: bool = False) -> type[C
     return register_adapter(cls, replace=replace)
 
 
+def initialisable_kinds() -> list[str]:
+    """Connector kinds that override :meth:`Connector.init_from_checkpoint`."""
+    from ..adapters import ADAPTERS
+
+    return [k for k in connector_kinds() if ADAPTERS.get(k).init_from_checkpoint is not Connector.init_from_checkpoint]
+
+
 def connector_kinds() -> list[str]:
     return adapter_kinds("connector")
 
@@ -122,6 +135,18 @@ def check_connector_options(kind: str, options: dict) -> None:
 
     cls = ADAPTERS.get(kind, among=connector_kinds(), what="connector kind")
     cls.config_class.from_dict({**options, "vision_dim": 0, "llm_dim": 0})
+
+
+def check_connector_init(kind: str, source: str) -> None:
+    """Fail now when ``kind`` cannot start from a checkpoint, or ``source`` is neither a path nor (online) a hub name."""
+    from ..hub import hub_offline
+
+    if kind not in initialisable_kinds():
+        raise ValueError(f"model.connector_init: connector kind {kind!r} cannot start from a pretrained checkpoint; "
+                         f"kinds that can: {', '.join(initialisable_kinds()) or 'none'}")
+    if not Path(source).exists() and (hub_offline() or str(source).count("/") != 1):
+        raise ValueError(f"model.connector_init: no file or folder {source!r}" +
+                         (" (HF_HUB_OFFLINE=1, so hub names cannot be fetched)" if hub_offline() else ""))
 
 
 def load_connector(directory: str | os.PathLike) -> tuple[Connector, dict]:

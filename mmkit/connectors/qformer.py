@@ -231,6 +231,18 @@ class QFormerConnector(Connector):
         return AuxiliaryLosses(total=self.config.diversity_weight * diversity, logged={"diversity_loss": diversity})
 
     # ------------------------------------------------------------------ BLIP-2 initialisation
+    def init_from_checkpoint(self, source) -> list[str]:
+        """A BLIP-2 / InstructBLIP checkpoint (safetensors or weights-only torch file, model folder, or hub name
+        such as ``Salesforce/blip2-opt-2.7b``: only the shards with Q-Former keys are read) or a saved
+        ``Blip2QFormerModel``; see :meth:`load_blip2_qformer`."""
+        from ..weights import read_state_dict
+
+        state = read_state_dict(source, prefixes=("qformer.", "query_tokens", "encoder.layer.", "layernorm."))
+        try:
+            return self.load_blip2_qformer(state)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
+
     def load_blip2_qformer(self, source, *, query_tokens: Tensor | None = None) -> list[str]:
         """Copy a ``Blip2QFormerModel`` (or its state dict; a whole BLIP-2 state dict's ``qformer.`` part and
         ``query_tokens`` are recognised) into the query self-attention, cross-attention, FFN and query LayerNorm.

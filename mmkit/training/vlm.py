@@ -31,6 +31,7 @@ class ModelConfig(StrictConfig):
     chat_template: bool = False
     connector: str = "vlap"
     connector_options: dict = field(default_factory=dict)
+    connector_init: str | None = None  # pretrained weights to start from (qformer: a BLIP-2 / InstructBLIP checkpoint)
     caption_prompt: str = CAPTION_PROMPT
     vqa_prompt: str = VQA_PROMPT
 
@@ -75,6 +76,9 @@ def build_model(cfg: VLMTrainConfig, encoder, llm, caption_texts: list[str]) -> 
     connector = build_connector(
         cfg.model.connector, vision_dim=encoder.dim, llm_dim=llm.hidden_size, **cfg.model.connector_options
     )
+    if cfg.model.connector_init:
+        fresh = connector.init_from_checkpoint(cfg.model.connector_init)
+        print(f"connector initialised from {cfg.model.connector_init} (kept as initialised: {', '.join(fresh)})")
     connector.prepare(llm=llm, texts=caption_texts)
     return VisionLanguageModel(
         encoder, connector, llm, caption_prompt=cfg.model.caption_prompt, vqa_prompt=cfg.model.vqa_prompt
@@ -160,9 +164,11 @@ class VLMTask(TrainingTask):
 
 def train_vlm(cfg: VLMTrainConfig, *, resume: bool = False, overwrite: bool = False, command: str | None = None) -> Path:
     """Run training; returns the folder of the final connector (``output_dir/final``)."""
-    from ..connectors.base import check_connector_options
+    from ..connectors.base import check_connector_init, check_connector_options
 
     check_connector_options(cfg.model.connector, cfg.model.connector_options)  # before minutes of feature caching
+    if cfg.model.connector_init:
+        check_connector_init(cfg.model.connector, cfg.model.connector_init)
     loop = TrainingLoop(cfg.train, run_config=cfg, resume=resume, overwrite=overwrite, command=command)
     return loop.run(VLMTask(cfg, loop))
 
