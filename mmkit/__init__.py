@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "ops", "nn", "testing", "config", "data", "encoders", "llm", "connectors", "losses", "models", "training", "eval",
-    "adapters", "assets", "diffusion", "hub", "registry", "text_encoders", "weights",
+    "adapters", "assets", "diffusion", "hub", "registry", "text_encoders", "weights", "heads",
 )
 
 

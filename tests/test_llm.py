@@ -241,3 +241,37 @@ def test_generation_stops_at_a_line_break_and_user_text_stays_text():
     assert all("\n" in lm.tokenizer.decode([i]) for i in ids.tolist())
     batch = lm.build_batch(["<image> what is <image> ?".replace("<image>", "\ue000", 1)], 2)
     assert batch.image_mask.sum() == 2  # the second, literal "<image>" is text
+
+
+def test_added_token_rows_stay_trainable_after_lora():
+    """peft freezes everything but LoRA when it injects; the added <SEG> row must keep training (READ)."""
+    from mmkit.llm.frozen import LoRASpec
+
+    for order in ("tokens first", "lora first"):
+        lm = FrozenLM(tiny_llama(), tiny_tokenizer())
+        if order == "tokens first":
+            lm.add_special_tokens(["<SEG>"])
+            lm.add_lora(LoRASpec(r=2))
+        else:
+            lm.add_lora(LoRASpec(r=2))
+            lm.add_special_tokens(["<SEG>"])
+        assert lm.new_rows.requires_grad, order
+        assert any(p is lm.new_rows for p in lm.trainable_parameters()), order
+
+
+def test_lora_dropout_follows_the_mode_and_the_lm_stays_deterministic_in_eval():
+    from mmkit.llm.frozen import LoRASpec
+
+    lm = FrozenLM(tiny_llama(), tiny_tokenizer())
+    lm.eval()
+    lm.add_lora(LoRASpec(r=2, dropout=0.5))
+    with torch.no_grad():
+        for p in lm.trainable_parameters():
+            p.add_(0.5)  # LoRA B away from zero, so dropout would show
+    batch = lm.build_batch(["<image> caption :"], 2, ["a red circle"])
+    img = torch.randn(1, 2, lm.hidden_size)
+    assert lm.caption_loss(batch, img).item() == lm.caption_loss(batch, img).item()  # eval: no dropout
+    lm.train()
+    torch.manual_seed(0)
+    assert lm.caption_loss(batch, img).item() != lm.caption_loss(batch, img).item()  # LoRA dropout active
+    assert not lm.model.training  # the base LM's own dropout stays off

@@ -36,16 +36,19 @@ def test_yaml_and_dotted_overrides(tmp_path):
 
 def test_every_registered_data_source_follows_the_protocol(tmp_path):
     """Each source: ids, images, texts and examples line up; file sources read the formats ShapesWorld exports."""
-    from mmkit.data import ShapesWorld, ShapesWorldConfig, export_coco_captions, export_vqa
-    from mmkit.data.sources import SOURCES, DataConfig, open_source
+    from mmkit.data import ShapesWorld, ShapesWorldConfig, export_coco_captions, export_refcoco, export_vqa
+    from mmkit.data.sources import SOURCES, DataConfig, ReferringSource, open_source
 
     world = ShapesWorld(ShapesWorldConfig(image_size=32), split="val", size=3)
     coco, vqa = export_coco_captions(world, tmp_path / "coco"), export_vqa(world, tmp_path / "vqa")
+    refs = export_refcoco(world, tmp_path / "refcoco")
     options = {
         "shapesworld": {"render_size": 32},
         "shapesworld_clips": {"render_size": 32, "duration": 2.0},
         "coco": {"captions": str(coco), "images": str(coco.parent / "images")},
         "vqa": {"questions": str(vqa[0]), "annotations": str(vqa[1]), "images": str(vqa[0].parent / "images")},
+        "shapesworld_refer": {"render_size": 32},
+        "refcoco": {"refs": str(refs), "images": str(refs.parent / "images")},
     }
     assert set(options) == set(SOURCES.names()), "a new source needs a case here"
     for name in SOURCES.names():
@@ -55,8 +58,20 @@ def test_every_registered_data_source_follows_the_protocol(tmp_path):
         item = source.image(0)  # an image, or a clip of frames
         assert (item.frames[0] if hasattr(item, "frames") else item).size[0] > 0
         examples = source.examples(caption_prompt="<image>Caption:", vqa_prompt="<image>Q: {question} A:")
-        assert examples and all(0 <= ex.index < 3 and ex.target for ex in examples)
+        assert examples or isinstance(source, ReferringSource)  # a RefCOCO file has no captions
+        assert all(0 <= ex.index < 3 and ex.target for ex in examples)
+        if isinstance(source, ReferringSource):
+            for i in range(3):
+                refs_i = source.referrals(i)
+                assert refs_i and all(source.mask(i, r, 32).any() for r in refs_i)
         assert source.signature()["source"] == name
+    # the RefCOCO export holds exactly ShapesWorld's expressions and masks
+    sw = open_source(DataConfig(source="shapesworld_refer", split="val", size=3, options={"render_size": 32}))
+    rc = open_source(DataConfig(source="refcoco", split="val", size=3, options=options["refcoco"]))
+    for i in range(3):
+        a = sorted((r.expression, sw.mask(i, r, 32).tobytes()) for r in sw.referrals(i))
+        b = sorted((r.expression, rc.mask(i, r, 32).tobytes()) for r in rc.referrals(i))
+        assert a == b
     with pytest.raises(ValueError, match="needs data.options.captions, data.options.images"):
         open_source(DataConfig(source="coco", size=3))
 

@@ -14,9 +14,9 @@ from .base import COMMAND_REGISTRY, Command, UserError, int_in, positive_int, re
 
 
 def _register_builtins() -> None:
-    from . import demo, generate, info, video, vlm
+    from . import demo, generate, info, segment, video, vlm
 
-    for module in (info, demo, vlm, video, generate):
+    for module in (info, demo, vlm, video, segment, generate):
         for command in module.COMMANDS:
             register_command(command)  # registering the same row twice is harmless
 

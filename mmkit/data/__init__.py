@@ -1,6 +1,6 @@
 """Datasets: ShapesWorld (procedural scenes with exact ground truth) and COCO-captions / VQA formats."""
 
-from .formats import CocoCaptions, VQADataset, export_coco_captions, export_vqa
+from .formats import CocoCaptions, VQADataset, export_coco_captions, export_refcoco, export_vqa
 from .shapes import (
     COLOURS,
     SHAPES,
@@ -44,6 +44,7 @@ __all__ = [
     "caption",
     "captions",
     "export_coco_captions",
+    "export_refcoco",
     "export_vqa",
     "qa_pairs",
     "referring_expressions",

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -91,6 +92,43 @@ def export_coco_captions(dataset: Any, folder: str | os.PathLike, image_size: in
     path = folder / "captions.json"
     info = {"description": "exported by mmkit.data.export_coco_captions"}
     atomic_write_text(path, json.dumps({"info": info, "images": images, "annotations": annotations}))
+    return path
+
+
+def _rle_counts(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO RLE of a bool mask: run lengths down the columns, starting with a run of zeros."""
+    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], edges, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return ([0] + runs) if flat.size and flat[0] else runs
+
+
+def export_refcoco(dataset: Any, folder: str | os.PathLike, split: str = "val") -> Path:
+    """Write ``folder/images/<id>.png`` and ``folder/refs.json`` (the RefCOCO-style JSON ``data.source=refcoco``
+    reads; see :mod:`mmkit.data.sources`): every referring expression of every ShapesWorld item with its
+    object's exact mask as uncompressed RLE, all refs in ``split``. Returns the path of ``refs.json``."""
+    from .shapes import render_masks
+
+    folder = Path(folder)
+    images, annotations, refs = [], [], []
+    for item, entry in _export_images(dataset, folder, None, "export_refcoco"):
+        images.append(entry)
+        masks = render_masks(item["scene"], entry["width"])
+        ann_ids = {}
+        for k, mask in enumerate(masks):
+            ann_ids[k] = len(annotations)
+            annotations.append({"id": len(annotations), "image_id": entry["id"],
+                                "segmentation": {"counts": _rle_counts(mask), "size": list(mask.shape)}})
+        by_object: dict[int, list[dict]] = {}
+        for ref in item["refs"]:
+            by_object.setdefault(ref.object_index, []).append({"sent": ref.expression})
+        for k, sentences in by_object.items():
+            refs.append({"ref_id": len(refs), "ann_id": ann_ids[k], "image_id": entry["id"], "split": split,
+                         "sentences": sentences})
+    path = folder / "refs.json"
+    info = {"description": "exported by mmkit.data.export_refcoco"}
+    atomic_write_text(path, json.dumps({"info": info, "images": images, "annotations": annotations, "refs": refs}))
     return path
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
+
+import numpy as np
 
 from ..config import StrictConfig
 from ..registry import Registry
@@ -360,7 +362,157 @@ class ShapesWorldClipsSource(DataSource):
         return out
 
 
-for _cls in (ShapesWorldSource, CocoSource, VQASource, ShapesWorldClipsSource):
+# ---------------------------------------------------------------------- referring segmentation
+# Referring segmentation sources: an image, an expression that names one object, that object's mask.
+#
+# Two registered data sources (``data.source``) share the :class:`ReferringSource` protocol the segmentation
+# recipe reads (``referrals(i)`` and ``mask(i, referral, size)``), on top of the usual image / caption protocol:
+#
+# - ``shapesworld_refer``: ShapesWorld scenes with every expression that picks out exactly one object ("the
+#   red circle", "the large object", "the object to the left of the blue square") and its exact mask.
+# - ``refcoco``: a RefCOCO-style JSON and an image folder, for users' data::
+#
+#       {"images": [{"id": 1, "file_name": "a.jpg", "height": 480, "width": 640}, ...],
+#        "annotations": [{"id": 7, "image_id": 1, "segmentation": [[x0, y0, x1, y1, ...]] or RLE}, ...],
+#        "refs": [{"ann_id": 7, "image_id": 1, "split": "val", "sentences": [{"sent": "the man in red"}, ...]}]}
+#
+#   (the ``refs(unc).p`` and ``instances.json`` of the refer toolkit merged into one file). Masks may be
+#   polygons, uncompressed RLE (``counts`` a list) or COCO's compressed RLE string; ``data.split`` keeps the
+#   refs of that split (all refs when none has a split).
+
+
+class Referral(NamedTuple):
+    """One expression about image ``index`` naming the object ``target`` (an index the source understands)."""
+
+    index: int
+    expression: str
+    target: int
+    kind: str  # "attribute" / "relation" (ShapesWorld) or "ref" (files)
+
+
+class ReferringSource(DataSource):
+    """The protocol of referring-segmentation sources."""
+
+    def referrals(self, i: int) -> list[Referral]:
+        """Every expression about image i with the object it names."""
+        raise NotImplementedError
+
+    def mask(self, i: int, referral: Referral, size: tuple[int, int] | int) -> np.ndarray:
+        """The named object's mask in image i, (H, W) bool at ``size`` (an int: square)."""
+        raise NotImplementedError
+
+    def segmentation_examples(self, per_image: int, seed: int | None = None) -> list[Referral]:
+        """Up to ``per_image`` referrals per image, drawn with ``seed`` (default ``data.seed``)."""
+        rng = random.Random(self.config.seed if seed is None else seed)
+        out: list[Referral] = []
+        for i in range(len(self)):
+            refs = self.referrals(i)
+            out += rng.sample(refs, min(per_image, len(refs)))
+        return out
+
+    def examples(self, *, caption_prompt: str, vqa_prompt: str, seed: int | None = None) -> list[Example]:
+        return []
+
+
+class ShapesWorldReferSource(ShapesWorldSource, ReferringSource):
+    """ShapesWorld scenes with their referring expressions and exact masks (captions and QA as ``shapesworld``)."""
+
+    name = "shapesworld_refer"
+
+    def referrals(self, i: int) -> list[Referral]:
+        from .shapes_language import referring_expressions
+
+        # relational expressions name a second object ("the object left of the blue square"): a second "the"
+        return [Referral(i, ref.expression, ref.object_index, "relation" if " the " in ref.expression else "attribute")
+                for ref in referring_expressions(self.dataset.scene(i))]
+
+    def mask(self, i: int, referral: Referral, size: tuple[int, int] | int) -> np.ndarray:
+        from .shapes import render_masks
+
+        side = size if isinstance(size, int) else size[0]
+        if not isinstance(size, int) and size[0] != size[1]:
+            raise ValueError(f"ShapesWorld images are square; got mask size {size}")
+        return render_masks(self.dataset.scene(i), side)[referral.target]
+
+    def examples(self, *, caption_prompt: str, vqa_prompt: str, seed: int | None = None) -> list[Example]:
+        return ShapesWorldSource.examples(self, caption_prompt=caption_prompt, vqa_prompt=vqa_prompt, seed=seed)
+
+
+class RefCocoSource(ReferringSource):
+    """A RefCOCO-style JSON (see the module docstring) and its image folder."""
+
+    name = "refcoco"
+
+    @dataclass
+    class Options(StrictConfig):
+        refs: str | None = None
+        images: str | None = None
+
+    def __init__(self, config: DataConfig) -> None:
+        super().__init__(config)
+        missing = [k for k in ("refs", "images") if not getattr(self.options, k)]
+        if missing:
+            raise ValueError(f"data.source=refcoco needs data.options.{', data.options.'.join(missing)}")
+        import json
+        from pathlib import Path
+
+        path = Path(self.options.refs)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot read a RefCOCO-style JSON ({err})") from None
+        for key in ("images", "annotations", "refs"):
+            if not isinstance(data.get(key), list):
+                raise ValueError(f"{path}: a RefCOCO-style JSON needs a list under {key!r} (see mmkit.data.referring)")
+        self.images = {im["id"]: im for im in data["images"]}
+        self.annotations = {a["id"]: a for a in data["annotations"]}
+        refs = data["refs"]
+        if any("split" in r for r in refs):
+            refs = [r for r in refs if r.get("split") == config.split]
+        by_image: dict[int, list[dict]] = {}
+        for r in refs:
+            ann = self.annotations.get(r["ann_id"])
+            if ann is None:
+                raise ValueError(f"{path}: ref of ann_id {r['ann_id']} has no annotation")
+            by_image.setdefault(ann["image_id"], []).append(r)
+        self.image_ids = sorted(by_image)[: config.size]
+        self.refs = by_image
+        self.root = Path(self.options.images)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def item_id(self, i: int) -> str:
+        return str(self.image_ids[i])
+
+    def image(self, i: int):
+        from .images import load_image
+
+        return load_image(self.root / self.images[self.image_ids[i]]["file_name"])
+
+    def referrals(self, i: int) -> list[Referral]:
+        out = []
+        for r in self.refs[self.image_ids[i]]:
+            for s in r.get("sentences", []):
+                text = s["sent"] if isinstance(s, dict) else str(s)
+                out.append(Referral(i, text.strip(), int(r["ann_id"]), "ref"))
+        return out
+
+    def mask(self, i: int, referral: Referral, size: tuple[int, int] | int) -> np.ndarray:
+        from PIL import Image
+
+        from .masks import decode_segmentation
+
+        info = self.images[self.image_ids[i]]
+        full = decode_segmentation(self.annotations[referral.target]["segmentation"], info["height"], info["width"])
+        h, w = (size, size) if isinstance(size, int) else size
+        if (h, w) == full.shape:
+            return full
+        return np.asarray(Image.fromarray(full).resize((w, h), Image.NEAREST), dtype=bool)
+
+
+for _cls in (ShapesWorldSource, CocoSource, VQASource, ShapesWorldClipsSource, ShapesWorldReferSource,
+             RefCocoSource):
     SOURCES.register(_cls.name, _cls)
 
 
@@ -369,4 +521,5 @@ def source_options(name: str) -> list[str]:
     return SOURCES.get(name, what="data.source").Options.field_names()
 
 
-__all__ = ["SOURCES", "DataConfig", "DataSource", "Example", "Question", "open_source", "source_options"]
+__all__ = ["SOURCES", "DataConfig", "DataSource", "Example", "Question", "ReferringSource", "Referral", "open_source",
+           "source_options"]

@@ -120,7 +120,11 @@ class FrozenLM(nn.Module):
 
     def train(self, mode: bool = True) -> FrozenLM:
         super().train(mode)
-        self.model.eval()  # frozen: dropout stays off even while the connector trains
+        self.model.eval()  # frozen: the LM's own dropout stays off even while adapters train
+        if self.lora is not None and self.lora.dropout > 0:  # LoRA's dropout follows the mode, as in peft
+            for name, module in self.model.named_modules():
+                if "lora_dropout" in name:
+                    module.train(mode)
         return self
 
     # ------------------------------------------------------------------ properties
@@ -180,7 +184,10 @@ class FrozenLM(nn.Module):
             inject_adapter_in_model(config, self.model)
         except ValueError as err:
             raise ValueError(f"LoRA target modules {list(spec.target_modules)} not found in the LM ({err})") from None
+        if self.new_rows is not None:  # peft marks everything but LoRA frozen, added token rows included
+            self.new_rows.requires_grad_(True)
         self.lora = spec
+        self.train(self.training)  # new LoRA modules start in training mode whatever this LM's mode is
         self._no_memo()
 
     def _no_memo(self) -> None:

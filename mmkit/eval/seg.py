@@ -1,0 +1,89 @@
+"""Referring segmentation metrics and pictures: gIoU (mean per-example IoU), cIoU (total intersection over
+total union), and mask overlays with SAM's points on an HTML sheet.
+
+An answer without ``<SEG>`` is "no mask": IoU 0 for that example, its ground truth still counts in cIoU's union.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def seg_scores(preds: list[np.ndarray | None], truths: list[np.ndarray]) -> dict:
+    """gIoU, cIoU and how many predictions were "no mask", over paired (H, W) bool masks."""
+    ious, inter_total, union_total, missing = [], 0, 0, 0
+    for pred, truth in zip(preds, truths, strict=True):
+        truth = np.asarray(truth, dtype=bool)
+        if pred is None:
+            missing += 1
+            pred = np.zeros_like(truth)
+        pred = np.asarray(pred, dtype=bool)
+        inter, union = int((pred & truth).sum()), int((pred | truth).sum())
+        ious.append(inter / union if union else 1.0)
+        inter_total += inter
+        union_total += union
+    return {"gIoU": float(np.mean(ious)) if ious else float("nan"),
+            "cIoU": inter_total / union_total if union_total else float("nan"),
+            "examples": len(ious), "no_mask": missing}
+
+
+def overlay(image: Image.Image, mask: np.ndarray | None, truth: np.ndarray | None = None,
+            points=None, labels=None, point_frame: int | None = None) -> Image.Image:
+    """The image with the predicted mask in red, the ground truth's outline in green, and SAM's points (white
+    ring: positive, black: negative) scaled from a ``point_frame``-pixel square to the image."""
+    base = image.convert("RGB")
+    w, h = base.size
+    canvas = np.asarray(base, dtype=np.float32).copy()
+    if mask is not None:
+        m = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+        canvas[m] = 0.45 * canvas[m] + 0.55 * np.array([230, 30, 30])
+    out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    if truth is not None:
+        t = np.asarray(Image.fromarray(np.asarray(truth, dtype=np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+        edge = t & ~(np.roll(t, 1, 0) & np.roll(t, -1, 0) & np.roll(t, 1, 1) & np.roll(t, -1, 1))
+        ys, xs = np.nonzero(edge)
+        for x, y in zip(xs.tolist(), ys.tolist(), strict=True):
+            draw.point((x, y), fill=(40, 220, 40))
+    if points is not None and labels is not None and point_frame:
+        sx, sy = w / point_frame, h / point_frame
+        for (x, y), label in zip(np.asarray(points).tolist(), np.asarray(labels).tolist(), strict=True):
+            if label not in (0, 1):
+                continue
+            r = max(2, w // 60)
+            cx, cy = x * sx, y * sy
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(255, 255, 255) if label == 1 else (0, 0, 0),
+                         width=2)
+    return out
+
+
+def _data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_sheet(path: str | Path, title: str, cards: list[dict], note: str = "") -> Path:
+    """An HTML page of cards {"image": PIL, "expression", "answer", "iou"} (images embedded)."""
+    parts = [
+        "<!doctype html><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}.card{display:inline-block;vertical-align:top;width:210px;"
+        "margin:6px;padding:6px;border:1px solid #ccc;border-radius:6px}.card img{width:196px;height:196px;"
+        "image-rendering:pixelated}small{color:#666}</style>",
+        f"<h1>{html.escape(title)}</h1><p><small>{html.escape(note)}</small></p>",
+    ]
+    for c in cards:
+        iou = "no mask" if c.get("iou") is None else f"IoU {100 * c['iou']:.0f}%"
+        parts.append(f"<div class='card'><img src='{_data_uri(c['image'])}'><br><b>{html.escape(c['expression'])}"
+                     f"</b><br><small>{html.escape(c.get('answer', ''))} · {iou}</small></div>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts))
+    return path

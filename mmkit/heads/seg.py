@@ -1,0 +1,366 @@
+"""READ (Qian et al., CVPR 2025) on LISA: a ``<SEG>`` token whose LLM state prompts SAM, with Similarity as
+Points (SasP).
+
+The model is a :class:`~mmkit.models.VisionLanguageModel` (frozen encoder, connector, LLM with LoRA and a new
+``<SEG>`` row) plus a frozen SAM image encoder and a trained SAM mask decoder:
+
+1. The LLM reads ``prompt + answer`` with the image tokens in place; the answer holds ``<SEG>``.
+2. The hidden state that *predicts* ``<SEG>`` (the position just before it, LISA's and READ's choice: the
+   state the LM had when it decided to emit the token) -> MLP (d -> d -> 256) -> one extra sparse prompt.
+3. SasP (``config.sasp``; None gives LISA's ``<SEG>``-only baseline, the same model with no points): that
+   state's raw dot products with the last-layer states at the image positions, on the image-token grid ->
+   up to 30 labelled point prompts, moved by DtoC so the mask loss reaches the map (:mod:`.sasp`).
+4. SAM's mask decoder on the cached image embeddings with points + ``<SEG>`` prompt -> mask logits, up-scaled
+   to the ground-truth size.
+
+Loss ``ce_weight * CE + bce_weight * BCE + dice_weight * Dice`` (1.0 / 2.0 / 0.5, the paper's), BCE per pixel
+and Dice per mask as LISA computes them (a Dice smoothing term makes empty masks well defined).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..adapters import Adapter, AdapterConfig, register_adapter
+from ..config import StrictConfig
+from ..llm.frozen import LMOutput, LoRASpec
+from .sam_prompt import decode_masks, sam_input_size, upscale_masks
+from .sasp import PADDING, SasPConfig, sasp_points
+
+SEG_TOKEN = "<SEG>"
+
+
+@dataclass
+class SegConfig(StrictConfig):
+    """READ's defaults; ``sasp=None`` is the ``<SEG>``-only (LISA) baseline."""
+
+    seg_token: str = SEG_TOKEN
+    prompt_dim: int = 256  # SAM's prompt width (256 for every released SAM)
+    sasp: SasPConfig | None = field(default_factory=SasPConfig)
+    grid: tuple[int, int] | None = None  # the image-token grid; None: square from the token count
+    ce_weight: float = 1.0
+    bce_weight: float = 2.0
+    dice_weight: float = 0.5
+    lora_r: int = 8  # 0: no LoRA (only the <SEG> row, the head and the mask decoder train)
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    train_mask_decoder: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("ce_weight", "bce_weight", "dice_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SegConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lora_r < 0:
+            raise ValueError(f"SegConfig.lora_r must be >= 0, got {self.lora_r}")
+        if isinstance(self.sasp, dict):
+            self.sasp = SasPConfig.from_dict(self.sasp)
+        if self.grid is not None:
+            self.grid = tuple(int(g) for g in self.grid)
+            if len(self.grid) != 2 or min(self.grid) < 1:
+                raise ValueError(f"SegConfig.grid must be two positive ints (rows, cols), got {self.grid}")
+        self.lora_targets = tuple(self.lora_targets)
+
+
+@dataclass
+class SegHeadConfig(AdapterConfig):
+    llm_dim: int = 576
+    prompt_dim: int = 256
+
+
+class SegHead(Adapter):
+    """LISA's projection of the ``<SEG>`` state to a SAM prompt: Linear(d, d) -> ReLU -> Linear(d, out)."""
+
+    kind = "seg_head"
+    family = "head"
+    config_class = SegHeadConfig
+
+    def __init__(self, config: SegHeadConfig) -> None:
+        super().__init__(config)
+        d = config.llm_dim
+        self.net = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, config.prompt_dim))
+
+    def forward(self, state: Tensor) -> Tensor:  # (B, d) -> (B, prompt_dim)
+        return self.net(state)
+
+
+@dataclass
+class MaskDecoderConfig(AdapterConfig):
+    """The fields of transformers' ``SamMaskDecoderConfig`` (a trained SAM mask decoder saved as an adapter)."""
+
+    decoder: dict = field(default_factory=dict)
+
+
+class SamMaskDecoderAdapter(Adapter):
+    """SAM's mask decoder as an adapter folder (READ trains it; the rest of SAM stays the named checkpoint)."""
+
+    kind = "sam_mask_decoder"
+    family = "head"
+    config_class = MaskDecoderConfig
+
+    def __init__(self, config: MaskDecoderConfig, decoder: nn.Module | None = None) -> None:
+        super().__init__(config)
+        if decoder is None:
+            from transformers import SamMaskDecoderConfig
+            from transformers.models.sam.modeling_sam import SamMaskDecoder
+
+            decoder = SamMaskDecoder(SamMaskDecoderConfig(**config.decoder))
+        self.decoder = decoder
+
+    @classmethod
+    def of(cls, sam) -> SamMaskDecoderAdapter:
+        """The adapter view of ``sam.mask_decoder`` (shares its parameters)."""
+        keep = ("hidden_size", "hidden_act", "mlp_dim", "num_hidden_layers", "num_attention_heads",
+                "attention_downsample_rate", "num_multimask_outputs", "iou_head_depth", "iou_head_hidden_dim",
+                "layer_norm_eps")
+        cfg = sam.config.mask_decoder_config.to_dict()
+        return cls(MaskDecoderConfig(decoder={k: cfg[k] for k in keep if k in cfg}), sam.mask_decoder)
+
+
+class _LMTrainable:
+    """Bundle entry for the LLM's trained part (added rows + LoRA), written by ``FrozenLM.save_trainable``."""
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+
+    def save_adapter(self, directory, *, metadata: dict | None = None):
+        return self.llm.save_trainable(directory, metadata=metadata)
+
+
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """1 - (2|P.T| + s) / (|P| + |T| + s) per mask: (B, H, W) logits and {0, 1} targets -> (B,). The smoothing
+    term keeps an empty target well defined (an empty prediction then scores 0)."""
+    p = logits.sigmoid().flatten(1)
+    t = target.flatten(1).to(p.dtype)
+    return 1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+
+
+@dataclass
+class SegOutput:
+    """What :meth:`ReadModel.forward` gives: the losses, the mask logits (B, H, W) and the SAM prompts used."""
+
+    losses: dict[str, Tensor]
+    mask_logits: Tensor
+    coords: Tensor | None
+    labels: Tensor | None
+    found: Tensor  # (B,) bool: the answer held <SEG>
+
+
+class ReadModel(nn.Module):
+    """VLM + ``<SEG>`` head + SAM. ``vlm``: a :class:`~mmkit.models.VisionLanguageModel`; ``sam``: a
+    transformers ``SamModel`` (its image encoder stays frozen; image embeddings are computed outside, once)."""
+
+    def __init__(self, vlm, sam, config: SegConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or SegConfig()
+        width = int(sam.config.prompt_encoder_config.hidden_size)
+        if width != config.prompt_dim:
+            raise ValueError(f"this SAM's prompts are {width} wide but SegConfig.prompt_dim is {config.prompt_dim}; "
+                             "set prompt_dim to the SAM checkpoint's prompt_encoder_config.hidden_size")
+        self.vlm, self.sam = vlm, sam
+        llm = vlm.llm
+        if config.seg_token in llm.special_tokens:
+            self.seg_id = llm.tokenizer.convert_tokens_to_ids(config.seg_token)
+        else:
+            (self.seg_id,) = llm.add_special_tokens([config.seg_token])
+        if config.lora_r > 0 and llm.lora is None:
+            llm.add_lora(LoRASpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                  target_modules=config.lora_targets))
+        self.head = SegHead(SegHeadConfig(llm_dim=llm.hidden_size, prompt_dim=config.prompt_dim))
+        for p in sam.parameters():
+            p.requires_grad_(False)
+        if config.train_mask_decoder:
+            for p in sam.mask_decoder.parameters():
+                p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ pieces
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The adapters: the connector, the LLM's LoRA and new rows, the head, SAM's mask decoder."""
+        params = self.vlm.trainable_parameters() + list(self.vlm.llm.trainable_parameters())
+        params += list(self.head.parameters()) + [p for p in self.sam.mask_decoder.parameters() if p.requires_grad]
+        seen, out = set(), []
+        for p in params:
+            if id(p) not in seen and p.requires_grad:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    def seg_states(self, out: LMOutput) -> tuple[Tensor, Tensor]:
+        """The state predicting each sample's first ``<SEG>``: (B, d), and (B,) bool whether there is one."""
+        ids = out.batch.input_ids.to(out.hidden_states.device)  # (B, L)
+        is_seg = ids[:, 1:] == self.seg_id  # position t predicts token t + 1
+        found = is_seg.any(1)
+        first = torch.argmax(is_seg.to(torch.int8), dim=1)  # first True (0 when none; masked by ``found``)
+        states = out.hidden_states[:, :-1].gather(1, first[:, None, None].expand(-1, 1, out.hidden_states.shape[-1]))
+        return states[:, 0], found
+
+    def image_states(self, out: LMOutput, num_tokens: int) -> Tensor:
+        """The last-layer states at the image positions: (B, num_tokens, d), in image-token order (a stable sort
+        of the image mask finds them without a host read)."""
+        mask = out.batch.image_mask.to(out.hidden_states.device)  # (B, L)
+        order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :num_tokens]
+        return out.hidden_states.gather(1, order[..., None].expand(-1, -1, out.hidden_states.shape[-1]))
+
+    def grid(self, num_tokens: int) -> tuple[int, int]:
+        if self.config.grid is not None:
+            if self.config.grid[0] * self.config.grid[1] != num_tokens:
+                raise ValueError(f"SegConfig.grid {self.config.grid} does not hold the {num_tokens} image tokens")
+            return self.config.grid
+        side = int(round(num_tokens**0.5))
+        if side * side != num_tokens:
+            raise ValueError(f"{num_tokens} image tokens are not a square grid; set SegConfig.grid=(rows, cols)")
+        return side, side
+
+    def prompts_for(self, out: LMOutput, num_tokens: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """SAM prompts from one LLM pass with ``num_tokens`` image tokens per sample: the ``<SEG>`` prompt
+        (B, 256), ``found`` (B,), points (B, P, 2) and labels (B, P) (None without SasP)."""
+        seg, found = self.seg_states(out)
+        extra = self.head(seg.float())
+        coords = labels = None
+        if self.config.sasp is not None:
+            image = self.image_states(out, num_tokens).float()
+            size = sam_input_size(self.sam)
+            coords, labels = sasp_points(seg.float(), image, grid=self.grid(image.shape[1]), image_size=(size, size),
+                                         config=self.config.sasp)
+            labels = torch.where(found[:, None], labels, torch.full_like(labels, PADDING))
+        return extra, found, coords, labels
+
+    def _grid_embeds(self, features: Tensor, feature_mask: Tensor | None) -> Tensor:
+        """Connector output (B, N, d) with the same N for every sample (READ's image-token grid)."""
+        embeds, mask = self.vlm.image_embeds(features, feature_mask)
+        if mask is not None:
+            raise ValueError("READ needs a connector that gives every image the same token grid (e.g. linear, vlap); "
+                             f"{self.vlm.connector.kind!r} gives ragged token counts")
+        return embeds
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self,
+        features: Tensor,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        sam_embeddings: Tensor,
+        masks: Tensor,
+        *,
+        feature_mask: Tensor | None = None,
+    ) -> SegOutput:
+        """features (B, N, Dv) encoder tokens; targets hold ``<SEG>``; sam_embeddings (B, C, s, s) from SAM's
+        frozen image encoder; masks (B, H, W) {0, 1} ground truth. Samples whose target lacks ``<SEG>`` add
+        only CE."""
+        cfg = self.config
+        embeds = self._grid_embeds(features, feature_mask)
+        llm = self.vlm.llm
+        batch = llm.build_batch(prompts, embeds.shape[1], targets).to(llm.device)
+        out = llm(batch, embeds)
+        extra, found, coords, labels = self.prompts_for(out, embeds.shape[1])
+        logits, _ = decode_masks(self.sam, sam_embeddings, coords, labels, extra=extra)
+        logits = upscale_masks(logits, tuple(masks.shape[-2:]))[:, 0]  # (B, H, W)
+        target = masks.to(logits.dtype)
+        keep = found.to(logits.dtype)
+        denom = keep.sum().clamp_min(1.0)
+        bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1) * keep).sum()
+        bce = bce / denom
+        dice = (dice_loss(logits, target) * keep).sum() / denom
+        loss = cfg.ce_weight * out.loss + cfg.bce_weight * bce + cfg.dice_weight * dice
+        return SegOutput({"loss": loss, "ce_loss": out.loss, "bce_loss": bce, "dice_loss": dice}, logits, coords,
+                         labels, found)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, directory, *, llm_name: str, sam_name: str, encoder: dict | None = None,
+                        seg_prompt: str | None = None, metadata: dict | None = None):
+        """A bundle: the connector, the LLM's rows + LoRA, the head and SAM's mask decoder as adapter folders;
+        the encoder, the LLM (``llm_name``) and SAM (``sam_name``, whose image encoder stays frozen) named, and
+        the prompt template it was trained with (``seg_prompt``, with ``{expression}``)."""
+        from ..models.bundle import write_bundle
+
+        vlm = self.vlm
+        parts = {
+            "llm": {"name": llm_name, "chat_template": vlm.llm.chat_template},
+            "prompts": {"caption": vlm.caption_prompt, "vqa": vlm.vqa_prompt},
+            "sam": {"name": str(sam_name)},
+            "seg": self.config.to_dict(),
+        }
+        if seg_prompt is not None:
+            parts["seg_prompt"] = seg_prompt
+        if encoder is not None:
+            parts["encoder"] = encoder
+        elif vlm.encoder is not None and hasattr(vlm.encoder, "spec"):
+            parts["encoder"] = {"spec": vlm.encoder.spec, **getattr(vlm.encoder, "load_kwargs", {})}
+        adapters = {"connector": vlm.connector, "llm": _LMTrainable(vlm.llm), "head": self.head,
+                    "mask_decoder": SamMaskDecoderAdapter.of(self.sam)}
+        return write_bundle(directory, kind="read", parts=parts, adapters=adapters, metadata=metadata)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, encoder=None, llm=None, sam=None, load_encoder: bool = True) -> ReadModel:
+        """Rebuild a saved READ model: the frozen parts from the names in ``bundle.json`` (unless given), the
+        trained parts from its adapter folders."""
+        from ..adapters import load_adapter, load_adapter_weights
+        from ..models import VisionLanguageModel
+        from ..models.bundle import read_bundle
+
+        bundle = read_bundle(directory)
+        if bundle["kind"] != "read":
+            raise ValueError(f"{directory} holds a {bundle['kind']!r} model, not a READ segmentation model")
+        parts, folders = bundle["parts"], bundle["adapters"]
+        if sam is None:
+            from transformers import SamModel
+
+            sam = SamModel.from_pretrained(parts["sam"]["name"])
+        vlm = VisionLanguageModel.from_pretrained(directory, encoder=encoder, llm=llm, load_encoder=load_encoder)
+        vlm.llm.load_trainable(folders["llm"])
+        config = SegConfig.from_dict(parts["seg"])
+        model = cls(vlm, sam, config)  # finds the <SEG> row and LoRA the trainable folder added
+        load_adapter_weights(model.head, folders["head"])
+        decoder, _ = load_adapter(folders["mask_decoder"])
+        try:
+            model.sam.mask_decoder.load_state_dict(decoder.decoder.state_dict())
+        except RuntimeError as err:
+            raise ValueError(f"{folders['mask_decoder']} does not fit the mask decoder of SAM "
+                             f"{parts['sam']['name']!r}: {str(err).splitlines()[0]}") from None
+        return model
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def segment(
+        self,
+        features: Tensor,
+        prompts: Sequence[str],
+        sam_embeddings: Tensor,
+        size: tuple[int, int],
+        *,
+        max_new_tokens: int = 16,
+        feature_mask: Tensor | None = None,
+    ) -> list[dict]:
+        """Answer each prompt, then segment: one dict per sample with ``text``, ``mask`` ((H, W) bool, or None
+        when the answer holds no ``<SEG>``: "no mask"), and the SAM ``points`` / ``labels`` used."""
+        llm = self.vlm.llm
+        embeds = self._grid_embeds(features, feature_mask)
+        batch = llm.build_batch(prompts, embeds.shape[1]).to(llm.device)
+        ids = llm.generate_ids(batch, embeds, max_new_tokens=max_new_tokens, stop_at_newline=True)
+        answers = [llm.tokenizer.decode(row[row != llm.pad_token_id], skip_special_tokens=False).strip() for row in ids]
+        answers = [a.split("\n", 1)[0].strip() for a in answers]
+        # one teacher-forced pass over prompt + answer gives the states (the same as training reads them)
+        full = llm.build_batch(prompts, embeds.shape[1], answers).to(llm.device)
+        out = llm(full, embeds)
+        extra, found, coords, labels = self.prompts_for(out, embeds.shape[1])
+        logits, _ = decode_masks(self.sam, sam_embeddings, coords, labels, extra=extra)
+        masks = upscale_masks(logits, size)[:, 0] > 0
+        results = []
+        for i, text in enumerate(answers):
+            has = bool(found[i])
+            results.append({
+                "text": text,
+                "mask": masks[i].cpu() if has else None,
+                "points": None if coords is None or not has else coords[i].cpu(),
+                "labels": None if labels is None or not has else labels[i].cpu(),
+            })
+        return results
+
+
+register_adapter(SegHead)
+register_adapter(SamMaskDecoderAdapter)

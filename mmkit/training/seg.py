@@ -1,0 +1,235 @@
+"""Train READ (or its ``<SEG>``-only baseline) on a referring-segmentation source, on the shared loop.
+
+What trains: the connector, the ``<SEG>`` row and LoRA of the LLM, the ``<SEG>`` head and SAM's mask decoder.
+Frozen and cached once: the image encoder's tokens (``data.feature_cache``) and SAM's image embeddings (same
+folder, keyed by the SAM checkpoint). One example is (image, expression, the named object's mask); the prompt
+and answer templates hold ``{expression}`` and ``<SEG>``. Checkpoints and ``final/`` are READ bundles
+(:meth:`~mmkit.heads.seg.ReadModel.save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import StrictConfig
+from ..data.features import cached_features, source_features
+from ..data.sources import DataConfig, Referral, ReferringSource, open_source
+from ..heads.seg import ReadModel, SegConfig
+from .loop import TrainingLoop, TrainingTask, TrainLoopConfig
+from .vlm import ModelConfig, encoder_meta, load_components
+
+SEG_PROMPT = "<image> Please segment {expression}."
+SEG_ANSWER = "It is <SEG>."
+
+
+@dataclass
+class SegModelConfig(ModelConfig):
+    """The VLM's fields (encoder, grid, LLM, connector) plus SAM and READ's own; a 7 x 7 image-token grid by
+    default (READ's points need a grid finer than the captioning demo's 3 x 3)."""
+
+    token_grid: int | None = 7
+    connector: str = "linear"
+    sam: str = "outputs/sam-shapes/final"  # a SamModel name or folder (recipes/segment/pretrain_sam.py makes one)
+    seg: SegConfig = field(default_factory=SegConfig)
+    seg_prompt: str = SEG_PROMPT
+    seg_answer: str = SEG_ANSWER
+
+    def __post_init__(self) -> None:
+        if "{expression}" not in self.seg_prompt or "<image>" not in self.seg_prompt:
+            raise ValueError(f"model.seg_prompt must hold '<image>' and '{{expression}}', got {self.seg_prompt!r}")
+        if self.seg.seg_token not in self.seg_answer:
+            raise ValueError(f"model.seg_answer must hold {self.seg.seg_token!r}, got {self.seg_answer!r}")
+
+
+@dataclass
+class SegTrainConfig(TrainLoopConfig):
+    output_dir: str = "outputs/segment-read"
+    learning_rate: float = 3e-4  # LISA's
+    max_train_steps: int = 1000
+    refs_per_image: int = 2  # referring expressions drawn per image for the training examples
+
+
+@dataclass
+class SegRecipeConfig(StrictConfig):
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="shapesworld_refer", size=4000, tasks={}))
+    train: SegTrainConfig = field(default_factory=SegTrainConfig)
+
+
+class SamEmbedder:
+    """SAM's frozen image encoder behind the feature-cache interface: images -> (B, s * s, C) tokens."""
+
+    def __init__(self, sam) -> None:
+        self.sam = sam
+        self.size = int(sam.config.prompt_encoder_config.image_size)
+
+    @torch.no_grad()
+    def encode(self, images):
+        from ..data.promptable import sam_pixels
+
+        pixels = torch.stack([sam_pixels(im.convert("RGB").resize((self.size, self.size))) for im in images])
+        emb = self.sam.get_image_embeddings(pixels.to(self.sam.device))  # (B, C, s, s)
+
+        class _Out:
+            tokens = emb.flatten(2).transpose(1, 2)  # (B, s * s, C)
+
+        return _Out()
+
+
+def sam_embeddings(source, sam, name: str, cache_dir: str | Path) -> torch.Tensor:
+    """SAM image embeddings (N, C, s, s) of every image of ``source``, cached next to the encoder features."""
+    signature = {"sam": str(name), "data": source.signature()}
+    digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"sam-{source.config.source}-{source.config.split}-{digest}.safetensors"
+    tokens = cached_features(path, encoder=SamEmbedder(sam), ids=source.ids(), load=source.image, signature=signature)
+    side = int(round(tokens.shape[1] ** 0.5))
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+
+
+def load_sam(name: str):
+    from transformers import SamModel
+
+    try:
+        return SamModel.from_pretrained(name).eval()
+    except OSError as err:
+        raise ValueError(f"model.sam={name!r}: no SAM checkpoint there ({str(err).splitlines()[0]}); train one "
+                         "with recipes/segment/pretrain_sam.py or name a SamModel folder / hub id") from None
+
+
+def build_read(cfg: SegRecipeConfig, encoder, llm, sam) -> ReadModel:
+    from ..connectors import build_connector
+    from ..models import VisionLanguageModel
+
+    connector = build_connector(cfg.model.connector, vision_dim=encoder.dim, llm_dim=llm.hidden_size,
+                                **cfg.model.connector_options)
+    if cfg.model.connector_init:
+        connector.init_from_checkpoint(cfg.model.connector_init)
+    vlm = VisionLanguageModel(encoder, connector, llm, caption_prompt=cfg.model.caption_prompt,
+                              vqa_prompt=cfg.model.vqa_prompt)
+    return ReadModel(vlm, sam, cfg.model.seg)
+
+
+class SegTask(TrainingTask):
+    """One batch: cached encoder tokens and SAM embeddings of the images, the prompts / answers, the masks."""
+
+    def __init__(self, cfg: SegRecipeConfig, loop: TrainingLoop) -> None:
+        self.cfg, self.loop = cfg, loop
+        tc = cfg.train
+        source = open_source(cfg.data)
+        if not isinstance(source, ReferringSource):
+            raise ValueError(f"data.source={cfg.data.source} has no referring expressions with masks; accepted: "
+                             "shapesworld_refer, refcoco")
+        self.source = source
+        self.examples = source.segmentation_examples(tc.refs_per_image)
+        if len(self.examples) < tc.batch_size:
+            raise ValueError(f"train.batch_size {tc.batch_size} is larger than the {len(self.examples)} referring "
+                             f"examples of {cfg.data.source}/{cfg.data.split}; lower it or raise data.size")
+        encoder, llm = load_components(cfg.model)
+        sam = load_sam(cfg.model.sam)
+        self.features = source_features(source, encoder, encoder_meta(cfg.model), cfg.data.feature_cache)
+        self.sam_embeddings = sam_embeddings(source, sam, cfg.model.sam, cfg.data.feature_cache)
+        self.mask_size = int(sam.config.prompt_encoder_config.image_size)
+        torch.manual_seed(tc.seed)
+        self.model = build_read(cfg, encoder, llm, sam)
+        self.model.vlm.encoder = None  # features are cached; the encoder is named in the bundle
+        self.encoder_meta = encoder_meta(cfg.model)
+        self.model.to(loop.device)
+        self._module = _Trainable(self.model)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @module.setter
+    def module(self, prepared: nn.Module) -> None:
+        self._module = prepared
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.parameters())
+        mode = "READ (SasP points + <SEG>)" if self.cfg.model.seg.sasp is not None else "<SEG> only (LISA)"
+        return f"{mode}: {n / 1e6:.2f}M trainable parameters, {len(self.examples)} referring examples"
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.model.trainable_parameters()
+
+    def batches(self, start: int):
+        bs, n, rank = self.cfg.train.batch_size, self.loop.num_processes, self.loop.process_index
+        per_epoch = len(self.examples) // (bs * n)
+        while True:
+            epoch, offset = divmod(start, per_epoch)
+            order = list(range(len(self.examples)))
+            random.Random(self.cfg.train.seed + epoch).shuffle(order)
+            first = (offset * n + rank) * bs
+            yield self.batch([self.examples[j] for j in order[first:first + bs]])
+            start += 1
+
+    def batch(self, refs: list[Referral]) -> dict:
+        idx = torch.tensor([r.index for r in refs])
+        masks = np.stack([self.source.mask(r.index, r, self.mask_size) for r in refs])
+        return {
+            "features": self.features[idx],
+            "sam_embeddings": self.sam_embeddings[idx],
+            "prompts": [self.cfg.model.seg_prompt.replace("{expression}", r.expression) for r in refs],
+            "targets": [self.cfg.model.seg_answer] * len(refs),
+            "masks": torch.from_numpy(masks),
+        }
+
+    def step(self, batch) -> dict[str, torch.Tensor]:
+        device = self.loop.device
+        out = self.module(batch["features"].to(device), batch["prompts"], batch["targets"],
+                          batch["sam_embeddings"].to(device), batch["masks"].to(device))
+        return out.losses
+
+    def _save(self, folder: Path) -> None:
+        self.model.save_pretrained(folder, llm_name=self.cfg.model.llm, sam_name=self.cfg.model.sam,
+                                   encoder=self.encoder_meta, seg_prompt=self.cfg.model.seg_prompt,
+                                   metadata={"training": {"command": self.loop.command, "data": self.source.signature(),
+                                                          "steps": self.cfg.train.max_train_steps}})
+
+    def save_checkpoint(self, folder: Path) -> dict:
+        self._save(folder)
+        return {}
+
+    def load_checkpoint(self, folder: Path, state: dict) -> None:
+        from ..adapters import load_adapter, load_adapter_weights
+        from ..connectors import load_weights_into
+        from ..models.bundle import read_bundle
+
+        folders = read_bundle(folder)["adapters"]
+        load_weights_into(self.model.vlm.connector, folders["connector"])
+        self.model.vlm.llm.load_trainable(folders["llm"])
+        load_adapter_weights(self.model.head, folders["head"])
+        decoder, _ = load_adapter(folders["mask_decoder"])
+        self.model.sam.mask_decoder.load_state_dict(decoder.decoder.state_dict())
+
+    def save_final(self, folder: Path) -> None:
+        self._save(folder)
+
+
+class _Trainable(nn.Module):
+    """The module the loop prepares: READ's forward, with the trainable parameters reachable for DDP."""
+
+    def __init__(self, model: ReadModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def train_seg(cfg: SegRecipeConfig, *, resume: bool = False, overwrite: bool = False,
+              command: str | None = None) -> Path:
+    """Run training; returns ``output_dir/final`` (a READ bundle)."""
+    from ..connectors.base import check_connector_options
+
+    check_connector_options(cfg.model.connector, cfg.model.connector_options)
+    loop = TrainingLoop(cfg.train, run_config=cfg, resume=resume, overwrite=overwrite, command=command)
+    return loop.run(SegTask(cfg, loop))

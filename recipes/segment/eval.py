@@ -1,0 +1,102 @@
+"""Evaluate READ / <SEG>-only models on held-out referring expressions: gIoU, cIoU (overall and per kind) and
+an HTML sheet of mask overlays (prediction red, ground truth outlined green, SAM's points as rings).
+
+    python recipes/segment/eval.py --models outputs/segment-read/final outputs/segment-seg-only/final \\
+        --split test --size 300 --json outputs/eval/segment.json --sheet outputs/eval/segment.html
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from mmkit.cli import run_guarded
+
+
+def evaluate(model_dir: Path, args) -> dict:
+    from mmkit.data.features import source_features
+    from mmkit.data.sources import DataConfig, open_source
+    from mmkit.eval.seg import overlay, seg_scores, write_sheet
+    from mmkit.heads.seg import ReadModel
+    from mmkit.models.bundle import read_bundle
+    from mmkit.training.seg import SEG_PROMPT, sam_embeddings
+
+    parts = read_bundle(model_dir)["parts"]
+    model = ReadModel.from_pretrained(model_dir).eval()
+    options = dict(kv.split("=", 1) for kv in args.option)
+    options = {k: int(v) if v.isdigit() else v for k, v in options.items()}
+    source = open_source(DataConfig(source=args.source, split=args.split, size=args.size, options=options, tasks={}))
+    features = source_features(source, model.vlm.encoder, parts["encoder"], args.feature_cache)
+    sam_emb = sam_embeddings(source, model.sam, parts["sam"]["name"], args.feature_cache)
+    size = int(model.sam.config.prompt_encoder_config.image_size)
+    refs = source.segmentation_examples(args.refs_per_image, seed=0)
+    prompt = parts.get("seg_prompt", SEG_PROMPT)  # the training prompt, kept in the bundle
+    preds, truths, kinds, cards = [], [], [], []
+    for start in range(0, len(refs), args.batch_size):
+        chunk = refs[start:start + args.batch_size]
+        idx = torch.tensor([r.index for r in chunk])
+        out = model.segment(features[idx], [prompt.replace("{expression}", r.expression) for r in chunk], sam_emb[idx],
+                            (size, size))
+        for r, res in zip(chunk, out, strict=True):
+            truth = source.mask(r.index, r, size)
+            mask = None if res["mask"] is None else res["mask"].numpy()
+            preds.append(mask)
+            truths.append(truth)
+            kinds.append(r.kind)
+            if len(cards) < args.sheet_examples:
+                inter = 0 if mask is None else int((mask & truth).sum())
+                union = int(truth.sum()) if mask is None else int((mask | truth).sum())
+                cards.append({"image": overlay(source.image(r.index).resize((size * 3, size * 3)), mask, truth,
+                                               res["points"], res["labels"], size),
+                              "expression": r.expression, "answer": res["text"],
+                              "iou": None if mask is None else (inter / union if union else 1.0)})
+    result = {"model": str(model_dir), "sasp": parts["seg"].get("sasp") is not None, **seg_scores(preds, truths),
+              "by_kind": {k: seg_scores([p for p, kk in zip(preds, kinds, strict=True) if kk == k],
+                                        [t for t, kk in zip(truths, kinds, strict=True) if kk == k])
+                          for k in sorted(set(kinds))}}
+    if args.sheet:
+        sheet = Path(args.sheet)
+        sheet = sheet.with_name(f"{sheet.stem}-{model_dir.parent.name}-{model_dir.name}{sheet.suffix}")
+        write_sheet(sheet, f"{model_dir}: {args.source}/{args.split}", cards,
+                    note=f"gIoU {100 * result['gIoU']:.1f}%, cIoU {100 * result['cIoU']:.1f}% over {result['examples']} "
+                         "expressions; red: prediction, green outline: truth, rings: SAM points (white +, black -)")
+        result["sheet"] = str(sheet)
+    return result
+
+
+def main(argv=None) -> list[dict]:
+    from mmkit.config import atomic_write_text
+
+    parser = argparse.ArgumentParser(description="gIoU / cIoU of READ models on held-out referring expressions.")
+    parser.add_argument("--models", nargs="+", type=Path, required=True, help="READ bundles (train.py's final/)")
+    parser.add_argument("--source", default="shapesworld_refer")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--size", type=int, default=300, help="images")
+    parser.add_argument("--refs-per-image", type=int, default=2)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="data.options entries")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--feature-cache", default="outputs/features")
+    parser.add_argument("--sheet", default=None, help="write an HTML sheet of overlays (one per model)")
+    parser.add_argument("--sheet-examples", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = [evaluate(m, args) for m in args.models]
+    print("| model | SasP | gIoU | cIoU | no mask | " + " | ".join(f"gIoU {k}" for k in results[0]["by_kind"]) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(results[0]["by_kind"]))
+    for r in results:
+        kinds = " | ".join(f"{100 * v['gIoU']:.1f}" for v in r["by_kind"].values())
+        print(f"| {r['model']} | {'yes' if r['sasp'] else 'no'} | {100 * r['gIoU']:.1f} | {100 * r['cIoU']:.1f} | "
+              f"{r['no_mask']} | {kinds} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.json), json.dumps(results, indent=2, default=float) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(lambda: main(), prog="eval.py"))

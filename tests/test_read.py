@@ -1,0 +1,164 @@
+"""READ's model on tiny real classes: which state prompts SAM, what trains, the <SEG>-only baseline, losses on
+empty masks, "no mask" answers and a SAM of another width."""
+
+import pytest
+import torch
+
+from mmkit.connectors import build_connector
+from mmkit.heads.sasp import PADDING, SasPConfig
+from mmkit.heads.seg import ReadModel, SegConfig, dice_loss
+from mmkit.llm import FrozenLM
+from mmkit.models import VisionLanguageModel
+from mmkit.testing import tiny_llama, tiny_sam, tiny_tokenizer
+
+GRID = 4  # 16 image tokens
+POINTS = SasPConfig(num_points=6)
+
+
+def build(sasp: SasPConfig | None = POINTS, seed: int = 0, **cfg) -> ReadModel:
+    torch.manual_seed(seed)
+    llm = FrozenLM(tiny_llama(seed), tiny_tokenizer())
+    connector = build_connector("linear", vision_dim=12, llm_dim=llm.hidden_size)
+    vlm = VisionLanguageModel(None, connector, llm)
+    return ReadModel(vlm, tiny_sam(seed), SegConfig(prompt_dim=20, sasp=sasp, **cfg))
+
+
+def batch(b: int = 2):
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(b, GRID * GRID, 12, generator=g)
+    prompts = ["<image> what is the red circle ?"] * b
+    targets = ["the red circle is <SEG> ."] * b
+    sam_embeddings = torch.randn(b, 20, 6, 6, generator=g)
+    masks = torch.zeros(b, 48, 48)
+    masks[:, 10:30, 12:40] = 1
+    return features, prompts, targets, sam_embeddings, masks
+
+
+def test_the_state_that_predicts_seg_prompts_sam():
+    model = build()
+    features, prompts, targets, sam_embeddings, masks = batch()
+    embeds, _ = model.vlm.image_embeds(features)
+    llm = model.vlm.llm
+    lm_batch = llm.build_batch(prompts, embeds.shape[1], targets)
+    out = llm(lm_batch, embeds)
+    states, found = model.seg_states(out)
+    assert found.all()
+    for b in range(2):
+        pos = (lm_batch.input_ids[b] == model.seg_id).nonzero()[0, 0]
+        torch.testing.assert_close(states[b], out.hidden_states[b, pos - 1])  # the state *predicting* <SEG>
+        image = out.hidden_states[b][lm_batch.image_mask[b]]
+        torch.testing.assert_close(model.image_states(out, GRID * GRID)[b], image)
+
+
+def test_forward_gives_losses_and_only_adapters_train():
+    model = build()
+    features, prompts, targets, sam_embeddings, masks = batch()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    params = model.trainable_parameters()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora" in n for n in names) and any("new_rows" in n for n in names)
+    assert any(n.startswith("head.") for n in names) and any(n.startswith("sam.mask_decoder.") for n in names)
+    assert not any(n.startswith("sam.vision_encoder.") or n.startswith("sam.prompt_encoder.") for n in names)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        out = model(features, prompts, targets, sam_embeddings, masks)
+        assert set(out.losses) == {"loss", "ce_loss", "bce_loss", "dice_loss"}
+        assert out.mask_logits.shape == (2, 48, 48) and out.coords.shape == (2, 6, 2)
+        opt.zero_grad()
+        out.losses["loss"].backward()
+        opt.step()
+    changed = {id(p) for a, p in zip(before, params, strict=True) if not torch.equal(a, p.detach())}
+    name = {id(p): n for n, p in model.named_parameters()}
+    moved = {name[i] for i in changed}
+    # the unused multimask hypernetworks and the IoU head get no gradient (LISA trains the same set)
+    for part in ("vlm.connector.", "vlm.llm.new_rows", "lora_A", "lora_B", "head.", "sam.mask_decoder.transformer.",
+                 "sam.mask_decoder.output_hypernetworks_mlps.0."):
+        assert any(part in n for n in moved), part
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(frozen[n], p.detach()), n
+
+
+def test_mask_loss_reaches_the_llm_through_dtoc_and_the_seg_prompt():
+    for sasp in (SasPConfig(num_points=6), None):
+        model = build(sasp=sasp, lora_r=0)
+        features, prompts, targets, sam_embeddings, masks = batch()
+        out = model(features, prompts, targets, sam_embeddings, masks)
+        (out.losses["bce_loss"] + out.losses["dice_loss"]).backward()
+        assert model.vlm.connector.proj.weight.grad.abs().sum() > 0  # via the image states and <SEG> state
+        if sasp is None:
+            assert out.coords is None and out.labels is None
+
+
+def test_seg_only_baseline_is_the_same_model_without_points():
+    with_points, baseline = build(seed=1), build(sasp=None, seed=1)
+    baseline.load_state_dict(with_points.state_dict())
+    features, prompts, targets, sam_embeddings, masks = batch()
+    a = with_points(features, prompts, targets, sam_embeddings, masks)
+    b = baseline(features, prompts, targets, sam_embeddings, masks)
+    torch.testing.assert_close(a.losses["ce_loss"], b.losses["ce_loss"])
+    assert not torch.allclose(a.mask_logits, b.mask_logits)  # the points change the decoder's input
+
+
+def test_empty_masks_and_answers_without_seg():
+    model = build()
+    features, prompts, targets, sam_embeddings, masks = batch()
+    out = model(features, prompts, targets, sam_embeddings, torch.zeros_like(masks))
+    assert torch.isfinite(out.losses["loss"]) and torch.isfinite(out.losses["dice_loss"])
+    assert dice_loss(torch.full((1, 4, 4), -30.0), torch.zeros(1, 4, 4)).item() < 1e-6
+    no_seg = model(features, prompts, ["the red circle ."] * 2, sam_embeddings, masks)
+    assert not no_seg.found.any()
+    assert no_seg.losses["bce_loss"].item() == 0.0 and no_seg.losses["dice_loss"].item() == 0.0
+    assert (no_seg.labels == PADDING).all()
+    results = model.segment(features, prompts, sam_embeddings, (48, 48), max_new_tokens=4)
+    assert len(results) == 2
+    for r in results:
+        assert set(r) == {"text", "mask", "points", "labels"}
+        if model.config.seg_token not in r["text"]:
+            assert r["mask"] is None  # "no mask", not a crash
+        else:
+            assert r["mask"].shape == (48, 48) and r["mask"].dtype == torch.bool
+
+
+def test_a_sam_of_another_width_is_refused_clearly():
+    llm = FrozenLM(tiny_llama(0), tiny_tokenizer())
+    vlm = VisionLanguageModel(None, build_connector("linear", vision_dim=12, llm_dim=llm.hidden_size), llm)
+    with pytest.raises(ValueError, match="prompts are 20 wide but SegConfig.prompt_dim is 256"):
+        ReadModel(vlm, tiny_sam(0), SegConfig())
+
+
+def test_grid_must_hold_the_image_tokens():
+    model = build(grid=(3, 5))
+    features, prompts, targets, sam_embeddings, masks = batch()
+    with pytest.raises(ValueError, match="does not hold the 16 image tokens"):
+        model(features, prompts, targets, sam_embeddings, masks)
+
+
+def test_bundle_save_load_gives_identical_masks(tmp_path):
+    model = build(seed=2)
+    features, prompts, targets, sam_embeddings, masks = batch()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    for _ in range(2):  # trained-looking adapters: LoRA B, the new row and the decoder all moved
+        model(features, prompts, targets, sam_embeddings, masks).losses["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path / "read", llm_name="tiny-llm", sam_name="tiny-sam", encoder={"spec": "none"})
+    torch.manual_seed(123)  # the rebuilt model must not depend on the random state
+    again = ReadModel.from_pretrained(tmp_path / "read", llm=FrozenLM(tiny_llama(2), tiny_tokenizer()),
+                                      sam=tiny_sam(2), load_encoder=False)
+    assert again.config == model.config
+    model.eval(), again.eval()  # LoRA dropout off
+    with torch.no_grad():
+        a = model(features, prompts, targets, sam_embeddings, masks)
+        b = again(features, prompts, targets, sam_embeddings, masks)
+    torch.testing.assert_close(a.mask_logits, b.mask_logits)
+    torch.testing.assert_close(a.losses["loss"], b.losses["loss"])
+    import json
+
+    bundle = json.loads((tmp_path / "read" / "bundle.json").read_text())
+    assert bundle["kind"] == "read" and set(bundle["adapters"]) == {"connector", "llm", "head", "mask_decoder"}
+    with pytest.raises(ValueError, match="not a READ segmentation model"):
+        model.vlm.save_pretrained(tmp_path / "vlm", llm_name="tiny-llm")
+        ReadModel.from_pretrained(tmp_path / "vlm", llm=FrozenLM(tiny_llama(2), tiny_tokenizer()), sam=tiny_sam(2),
+                                  load_encoder=False)
