@@ -98,6 +98,14 @@ def test_refcoco_json_source(tmp_path):
     assert train.mask(0, train.referrals(0)[0], (8, 10)).all()
     with pytest.raises(ValueError, match="needs data.options.images"):
         open_source(DataConfig(source="refcoco", options={"refs": str(tmp_path / "refs.json")}))
+    bad = dict(data, images=[{"id": 1, "file_name": "a.png"}])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"images\[0\] lacks \['height', 'width'\]"):
+        open_source(DataConfig(source="refcoco", options={"refs": str(tmp_path / "bad.json"), "images": "x"}))
+    bad = dict(data, annotations=[dict(data["annotations"][0], image_id=5)])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="image_id 5, which is not in images"):
+        open_source(DataConfig(source="refcoco", options={"refs": str(tmp_path / "bad.json"), "images": "x"}))
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="needs a list under 'images'"):
         open_source(DataConfig(source="refcoco", options={"refs": str(tmp_path / "bad.json"), "images": "x"}))

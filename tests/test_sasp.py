@@ -88,7 +88,7 @@ def test_normalised_map_downsamples_and_min_max_normalises():
 def test_cell_centres_map_grid_cells_to_pixels():
     index = torch.tensor([[0, 5, 11]])  # grid 3 x 4: (0, 0), (1, 1), (2, 3)
     xy = cell_centres(index, (3, 4), (30, 40))
-    assert xy.tolist() == [[[5.0, 5.0], [15.0, 15.0], [35.0, 25.0]]]
+    assert xy.tolist() == [[[4.5, 4.5], [14.5, 14.5], [34.5, 24.5]]]  # pixel-index convention (SAM adds 0.5)
 
 
 def test_dtoc_equals_the_direct_windowed_softmax_mean():
@@ -118,6 +118,15 @@ def test_dtoc_official_window_is_exp_minus_squared_distance():
     bump[0, 4, 6] = 5.0  # a strong score two pixels right pulls the point right, not up or down
     moved = discrete_to_continuous(points, bump, 1 / math.sqrt(2), (9, 9))
     assert moved[0, 0, 0] > 4.0 and abs(moved[0, 0, 1].item() - 4.0) < 1e-6
+
+
+def test_dtoc_on_a_coarser_map_is_unbiased():
+    """A map smaller than the image: a point on a symmetric bump's centre stays there (no half-pixel drift)."""
+    dense = torch.zeros(1, 16, 16)
+    dense[0, 5:7, 9:11] = 4.0  # centred between map pixels 9/10 and 5/6 -> image (10 * 4 - 0.5, 6 * 4 - 0.5)
+    centre = torch.tensor([[[39.5, 23.5]]])
+    moved = discrete_to_continuous(centre, dense, 1.5, (64, 64))
+    torch.testing.assert_close(moved, centre, atol=1e-4, rtol=0)
 
 
 def test_dtoc_gradient_reaches_the_hidden_states():

@@ -44,6 +44,7 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
     assert [r["step"] for r in log] == [1, 2, 3] and all("dice_loss" in r and "ce_loss" in r for r in log)
     bundle = json.loads((tmp_path / "run" / "final" / "bundle.json").read_text())
     assert bundle["kind"] == "read" and bundle["parts"]["seg_prompt"] == "<image> what is {expression} ?"
+    assert Path(bundle["parts"]["sam"]["name"]).is_absolute()  # the bundle loads from any working directory
     out = tmp_path / "eval.json"
     done = run("eval.py", ["--models", str(tmp_path / "run" / "final"), "--size", "2", "--option", "render_size=30",
                            "--feature-cache", str(tmp_path / "f"), "--json", str(out), "--sheet",
@@ -81,3 +82,19 @@ def test_a_source_without_masks_is_refused(tiny_parts, sam_dir, tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
         env={"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 2 and "no referring expressions with masks" in done.stderr
+
+
+def test_sam_embedding_cache_notices_a_retrained_sam(sam_dir, tmp_path):
+    import os
+    import shutil
+
+    from mmkit.training.seg import sam_fingerprint
+
+    copy = tmp_path / "sam"
+    shutil.copytree(sam_dir, copy)
+    sam = tiny_sam(0)
+    before = sam_fingerprint(sam, str(copy))
+    weights = next(copy.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # written again
+    assert sam_fingerprint(sam, str(copy)) != before
+    assert sam_fingerprint(sam, "facebook/sam-vit-base")["name"] == "facebook/sam-vit-base"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmkit.training import apply_overrides, latest_checkpoint, list_checkpoints, load_config, save_checkpoint
+from mmkit.training.checkpoint import load_training_state
 from mmkit.training.vlm import VLMTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,3 +199,15 @@ def test_graceful_stop_saves_on_ctrl_c_and_lets_other_errors_through_unsaved():
             stop.check()  # no signal: nothing happens
             raise ValueError("bad batch")
     assert saved == ["ctrl-c"]
+
+
+def test_checkpoints_carry_the_random_stream(tmp_path):
+    """Dropout (e.g. LoRA's) draws from torch's generator: a resumed run must draw what the unbroken one drew."""
+    torch.manual_seed(5)
+    torch.rand(3)
+    folder = save_checkpoint(tmp_path, 1, write_adapter=lambda f: None)
+    unbroken = torch.rand(4)
+    torch.manual_seed(99)  # a fresh process would start elsewhere
+    load_training_state(folder)
+    assert torch.equal(torch.rand(4), unbroken)
+    assert (folder / "rng.safetensors").is_file()

@@ -51,13 +51,13 @@ def _run(args: argparse.Namespace) -> int:
         side = int(round(tokens.shape[1] ** 0.5))
         emb = tokens.transpose(1, 2).reshape(1, -1, side, side)
         size = int(model.sam.config.prompt_encoder_config.image_size)
-        (result,) = model.segment(features, [prompt], emb, (size, size))
+        (result,) = model.segment(features, [prompt], emb, (image.height, image.width))  # logits up-scaled to the photo
     record = {"image": str(args.image), "expression": args.expression, "answer": result["text"]}
     if result["mask"] is None:
         record["mask"] = None
         print(json.dumps(record) if args.json else f"no mask: the answer holds no <SEG> ({result['text']!r})")
         return 0
-    mask = np.asarray(Image.fromarray(result["mask"].numpy().astype(np.uint8) * 255).resize(image.size, Image.NEAREST))
+    mask = result["mask"].numpy().astype(np.uint8) * 255  # (H, W) of the photo
     Image.fromarray(mask).save(out)
     over = out.with_name(out.name.replace(".mask.png", "") + ".overlay.png") if out.name.endswith(".mask.png") \
         else out.with_suffix(".overlay.png")

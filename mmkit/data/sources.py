@@ -463,7 +463,18 @@ class RefCocoSource(ReferringSource):
             raise ValueError(f"{path}: cannot read a RefCOCO-style JSON ({err})") from None
         for key in ("images", "annotations", "refs"):
             if not isinstance(data.get(key), list):
-                raise ValueError(f"{path}: a RefCOCO-style JSON needs a list under {key!r} (see mmkit.data.referring)")
+                raise ValueError(f"{path}: a RefCOCO-style JSON needs a list under {key!r} (see mmkit.data.sources)")
+        required = {"images": ("id", "file_name", "height", "width"), "annotations": ("id", "image_id", "segmentation"),
+                    "refs": ("ann_id",)}
+        for key, fields in required.items():
+            for n, entry in enumerate(data[key]):
+                missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+                if missing:
+                    raise ValueError(f"{path}: {key}[{n}] lacks {missing}; each of {key} needs {list(fields)}")
+        known = {im["id"] for im in data["images"]}
+        for n, ann in enumerate(data["annotations"]):
+            if ann["image_id"] not in known:
+                raise ValueError(f"{path}: annotations[{n}] names image_id {ann['image_id']!r}, which is not in images")
         self.images = {im["id"]: im for im in data["images"]}
         self.annotations = {a["id"]: a for a in data["annotations"]}
         refs = data["refs"]

@@ -1,7 +1,8 @@
 """Referring segmentation metrics and pictures: gIoU (mean per-example IoU), cIoU (total intersection over
 total union), and mask overlays with SAM's points on an HTML sheet.
 
-An answer without ``<SEG>`` is "no mask": IoU 0 for that example, its ground truth still counts in cIoU's union.
+An answer without ``<SEG>`` is "no mask": an empty prediction (IoU 0, or 1 when the truth is empty too); its
+ground truth still counts in cIoU's union.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def overlay(image: Image.Image, mask: np.ndarray | None, truth: np.ndarray | Non
             if label not in (0, 1):
                 continue
             r = max(2, w // 60)
-            cx, cy = x * sx, y * sy
+            cx, cy = (x + 0.5) * sx, (y + 0.5) * sy  # SAM's pixel-index coordinates -> this image
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(255, 255, 255) if label == 1 else (0, 0, 0),
                          width=2)
     return out

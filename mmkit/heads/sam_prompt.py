@@ -12,6 +12,8 @@ extra tokens to the sparse prompt, so with no extra token it equals ``SamModel``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -75,3 +77,19 @@ def upscale_masks(logits: Tensor, size: tuple[int, int]) -> Tensor:
     """(B, M, h, w) low-resolution logits -> (B, M, H, W) (bilinear, as SAM's post-processing for a square
     image that filled SAM's input)."""
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def resolve_sam(name: str) -> str:
+    """A local SAM folder as an absolute path (bundles must not depend on the working directory); a hub id as is."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
+
+
+def load_sam(name: str):
+    from transformers import SamModel
+
+    try:
+        return SamModel.from_pretrained(resolve_sam(name)).eval()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"SAM {name!r}: no SAM checkpoint there ({str(err).splitlines()[0]}); train one "
+                         "with recipes/segment/pretrain_sam.py or name a SamModel folder / hub id") from None

@@ -131,27 +131,28 @@ def select_points(norm: Tensor, config: SasPConfig, valid: Tensor | None = None)
 
 
 def cell_centres(index: Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
-    """Cell indices (B, P) of an (h, w) grid -> pixel coordinates (B, P, 2) as (x, y) in an (H, W) image."""
+    """Cell indices (B, P) of an (h, w) grid -> the cells' centres (B, P, 2) as (x, y) in an (H, W) image, in
+    SAM's pixel-index convention (pixel i spans [i, i + 1) and SAM's prompt encoder adds the 0.5 itself)."""
     h, w = grid
     height, width = image_size
-    x = ((index % w).float() + 0.5) * (width / w)
-    y = ((index // w).float() + 0.5) * (height / h)
-    return torch.stack([x.clamp(max=width - 1), y.clamp(max=height - 1)], dim=-1)
+    x = ((index % w).float() + 0.5) * (width / w) - 0.5
+    y = ((index // w).float() + 0.5) * (height / h) - 0.5
+    return torch.stack([x.clamp(0, width - 1), y.clamp(0, height - 1)], dim=-1)
 
 
 def discrete_to_continuous(points: Tensor, dense: Tensor, sigma: float, image_size: tuple[int, int]) -> Tensor:
     """Move each point to the softmax(dense)-weighted mean position inside a Gaussian window around it.
 
-    points: (B, P, 2) pixel (x, y) in an (H, W) image, in SAM's convention (a pixel's index is its
-    coordinate); dense: (B, Hd, Wd) scores on a map covering the image, map pixel (i, j) at image coordinate
-    (j * W / Wd, i * H / Hd) (the official code's grid, where the map has the image's size); sigma in pixels of
-    ``dense``. Differentiable in ``dense``.
+    points: (B, P, 2) pixel (x, y) in an (H, W) image, in SAM's pixel-index convention; dense: (B, Hd, Wd)
+    scores on a map covering the image the way bilinear resizing (``align_corners=False``) lays it out: map
+    pixel j is centred on image coordinate (j + 0.5) * W / Wd - 0.5 (= j when the map has the image's size,
+    the official code's grid); sigma in pixels of ``dense``. Differentiable in ``dense``.
     The window is separable, so the cost is two small matmuls per image instead of P full-map products.
     """
     height, width = image_size
     hd, wd = dense.shape[-2:]
     sx, sy = width / wd, height / hd  # image pixels per map pixel
-    px, py = points[..., 0] / sx, points[..., 1] / sy  # (B, P): the points in map pixels
+    px, py = (points[..., 0] + 0.5) / sx - 0.5, (points[..., 1] + 0.5) / sy - 0.5  # (B, P): in map pixels
     gx = torch.arange(wd, device=dense.device, dtype=dense.dtype)
     gy = torch.arange(hd, device=dense.device, dtype=dense.dtype)
     wx = torch.exp(-((gx - px[..., None].to(dense.dtype)) ** 2) / (2 * sigma**2))  # (B, P, Wd)
@@ -162,7 +163,7 @@ def discrete_to_continuous(points: Tensor, dense: Tensor, sigma: float, image_si
     total = (rows * wx).sum(-1).clamp_min(torch.finfo(dense.dtype).tiny)  # (B, P)
     mean_x = (rows * wx * gx).sum(-1) / total
     mean_y = torch.einsum("bph,bhw,bpw->bp", wy * gy, e, wx) / total
-    return torch.stack([mean_x * sx, mean_y * sy], dim=-1).to(points.dtype)
+    return torch.stack([(mean_x + 0.5) * sx - 0.5, (mean_y + 0.5) * sy - 0.5], dim=-1).to(points.dtype)
 
 
 def sasp_points(

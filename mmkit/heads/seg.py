@@ -14,7 +14,8 @@ The model is a :class:`~mmkit.models.VisionLanguageModel` (frozen encoder, conne
    to the ground-truth size.
 
 Loss ``ce_weight * CE + bce_weight * BCE + dice_weight * Dice`` (1.0 / 2.0 / 0.5, the paper's), BCE per pixel
-and Dice per mask as LISA computes them (a Dice smoothing term makes empty masks well defined).
+and Dice per mask as LISA computes them (a Dice smoothing term makes empty masks well defined). The connector
+trains on this loss only: a connector's own objective (VLAP's assignment term) is not added here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from ..adapters import Adapter, AdapterConfig, register_adapter
 from ..config import StrictConfig
 from ..llm.frozen import LMOutput, LoRASpec
-from .sam_prompt import decode_masks, sam_input_size, upscale_masks
+from .sam_prompt import decode_masks, load_sam, sam_input_size, upscale_masks
 from .sasp import PADDING, SasPConfig, sasp_points
 
 SEG_TOKEN = "<SEG>"
@@ -308,9 +309,7 @@ class ReadModel(nn.Module):
             raise ValueError(f"{directory} holds a {bundle['kind']!r} model, not a READ segmentation model")
         parts, folders = bundle["parts"], bundle["adapters"]
         if sam is None:
-            from transformers import SamModel
-
-            sam = SamModel.from_pretrained(parts["sam"]["name"])
+            sam = load_sam(parts["sam"]["name"])
         vlm = VisionLanguageModel.from_pretrained(directory, encoder=encoder, llm=llm, load_encoder=load_encoder)
         vlm.llm.load_trainable(folders["llm"])
         config = SegConfig.from_dict(parts["seg"])

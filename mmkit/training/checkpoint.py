@@ -2,7 +2,8 @@
 
 A checkpoint folder ``step-000200/`` holds the adapter in its own format (e.g. ``connector.safetensors``
 + ``connector.json``), ``optimizer.pt`` / ``scheduler.pt`` (tensors and plain containers only, read back
-with ``torch.load(weights_only=True)``) and ``state.json`` (step, RNG seeds, anything else small). It is
+with ``torch.load(weights_only=True)``), ``rng.safetensors`` (torch's generator states, restored on resume)
+and ``state.json`` (step, RNG seeds, anything else small). It is
 written to a temporary folder and renamed into place, so a crash never leaves a half checkpoint.
 """
 
@@ -46,6 +47,7 @@ def save_checkpoint(
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_rng_state(tmp / "rng.safetensors")
         payload = {"step": step, **(state or {}), **(extra if isinstance(extra, dict) else {})}
         (tmp / "state.json").write_text(json.dumps(payload, indent=2) + "\n")
         if final.exists():
@@ -85,7 +87,30 @@ def load_training_state(
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu"))
     if scheduler is not None and (checkpoint / "scheduler.pt").is_file():
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True, map_location="cpu"))
+    if (checkpoint / "rng.safetensors").is_file():  # older checkpoints have none: the RNG then starts fresh
+        load_rng_state(checkpoint / "rng.safetensors")
     return json.loads(state_path.read_text())
+
+
+def save_rng_state(path: Path) -> None:
+    """torch's CPU and CUDA generator states (dropout, e.g. LoRA's, draws from them) as safetensors, so a
+    resumed run continues the unbroken run's random stream."""
+    from safetensors.torch import save_file
+
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(states, str(path))
+
+
+def load_rng_state(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    states = load_file(str(path))
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[f"cuda_{i}"] for i in range(len(states) - 1) if f"cuda_{i}" in states]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class StopRequested(Exception):

@@ -32,4 +32,18 @@ def parse_recipe_args(
     return load_config(cls, args.config, overrides), args
 
 
-__all__ = ["apply_overrides", "dump_config", "load_config", "parse_override", "parse_recipe_args"]
+
+
+def run_recipe(cls: type[T], default_config: str, train_fn, *, description: str, epilog: str, script: str,
+               saved: str, argv: list[str] | None = None):
+    """A training recipe's whole ``main``: parse the shared command line into ``cls``, run ``train_fn(cfg,
+    resume=, overwrite=, command=)`` and say where ``saved`` (e.g. "SAM") went. Returns the final folder."""
+    from .loop import recipe_command
+
+    cfg, args = parse_recipe_args(cls, default_config, description=description, epilog=epilog, argv=argv)
+    final = train_fn(cfg, resume=args.resume, overwrite=args.overwrite, command=recipe_command(argv, script))
+    print(f"{saved} saved to {final}")
+    return final
+
+
+__all__ = ["apply_overrides", "dump_config", "load_config", "parse_override", "parse_recipe_args", "run_recipe"]

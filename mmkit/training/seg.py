@@ -22,6 +22,7 @@ from torch import nn
 from ..config import StrictConfig
 from ..data.features import cached_features, source_features
 from ..data.sources import DataConfig, Referral, ReferringSource, open_source
+from ..heads.sam_prompt import load_sam, resolve_sam
 from ..heads.seg import ReadModel, SegConfig
 from .loop import TrainingLoop, TrainingTask, TrainLoopConfig
 from .vlm import ModelConfig, encoder_meta, load_components
@@ -84,24 +85,25 @@ class SamEmbedder:
         return _Out()
 
 
+def sam_fingerprint(sam, name: str) -> dict:
+    """What identifies a SAM's image encoder for the embedding cache: its name, its config and, for a local
+    folder, the size and modification time of its weight files (re-training into the same folder changes it)."""
+    info = {"name": str(name), "config": hashlib.sha256(sam.config.to_json_string().encode()).hexdigest()[:16]}
+    folder = Path(name)
+    if folder.is_dir():
+        info["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.glob("*.safetensors"))}
+    return info
+
+
 def sam_embeddings(source, sam, name: str, cache_dir: str | Path) -> torch.Tensor:
-    """SAM image embeddings (N, C, s, s) of every image of ``source``, cached next to the encoder features."""
-    signature = {"sam": str(name), "data": source.signature()}
+    """SAM image embeddings (N, C, s, s) of every image of ``source``, cached next to the encoder features (held
+    in memory: about 2 MiB per image at float32 for a released SAM's 256 x 64 x 64, 64 KiB for the small one)."""
+    signature = {"sam": sam_fingerprint(sam, name), "data": source.signature()}
     digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"sam-{source.config.source}-{source.config.split}-{digest}.safetensors"
     tokens = cached_features(path, encoder=SamEmbedder(sam), ids=source.ids(), load=source.image, signature=signature)
     side = int(round(tokens.shape[1] ** 0.5))
     return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
-
-
-def load_sam(name: str):
-    from transformers import SamModel
-
-    try:
-        return SamModel.from_pretrained(name).eval()
-    except OSError as err:
-        raise ValueError(f"model.sam={name!r}: no SAM checkpoint there ({str(err).splitlines()[0]}); train one "
-                         "with recipes/segment/pretrain_sam.py or name a SamModel folder / hub id") from None
 
 
 def build_read(cfg: SegRecipeConfig, encoder, llm, sam) -> ReadModel:
@@ -129,9 +131,10 @@ class SegTask(TrainingTask):
                              "shapesworld_refer, refcoco")
         self.source = source
         self.examples = source.segmentation_examples(tc.refs_per_image)
-        if len(self.examples) < tc.batch_size:
-            raise ValueError(f"train.batch_size {tc.batch_size} is larger than the {len(self.examples)} referring "
-                             f"examples of {cfg.data.source}/{cfg.data.split}; lower it or raise data.size")
+        if len(self.examples) < tc.batch_size * loop.num_processes:
+            raise ValueError(f"train.batch_size {tc.batch_size} x {loop.num_processes} processes is more than the "
+                             f"{len(self.examples)} referring examples of {cfg.data.source}/{cfg.data.split}; lower it "
+                             "or raise data.size")
         encoder, llm = load_components(cfg.model)
         sam = load_sam(cfg.model.sam)
         self.features = source_features(source, encoder, encoder_meta(cfg.model), cfg.data.feature_cache)
@@ -189,7 +192,7 @@ class SegTask(TrainingTask):
         return out.losses
 
     def _save(self, folder: Path) -> None:
-        self.model.save_pretrained(folder, llm_name=self.cfg.model.llm, sam_name=self.cfg.model.sam,
+        self.model.save_pretrained(folder, llm_name=self.cfg.model.llm, sam_name=resolve_sam(self.cfg.model.sam),
                                    encoder=self.encoder_meta, seg_prompt=self.cfg.model.seg_prompt,
                                    metadata={"training": {"command": self.loop.command, "data": self.source.signature(),
                                                           "steps": self.cfg.train.max_train_steps}})

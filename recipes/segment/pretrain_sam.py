@@ -14,21 +14,18 @@ import os
 import sys
 
 from mmkit.cli import run_guarded
-from mmkit.training.config import parse_recipe_args
-from mmkit.training.loop import recipe_command
+from mmkit.training.config import run_recipe
 from mmkit.training.sam import SamPretrainConfig, train_sam
 
 DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sam_shapes.yaml")
 
 
 def main(argv=None):
-    cfg, args = parse_recipe_args(
-        SamPretrainConfig, DEFAULT, description="Pre-train a small SAM on ShapesWorld promptable segmentation.",
-        epilog="Extra arguments are dotted overrides, e.g. train.learning_rate=1e-4 model.hidden_size=256", argv=argv,
+    return run_recipe(
+        SamPretrainConfig, DEFAULT, train_sam, description="Pre-train a small SAM on ShapesWorld promptable segmentation.",
+        epilog="Extra arguments are dotted overrides, e.g. train.learning_rate=1e-4 model.hidden_size=256",
+        script="pretrain_sam.py", saved="SAM", argv=argv,
     )
-    final = train_sam(cfg, resume=args.resume, overwrite=args.overwrite, command=recipe_command(argv, "pretrain_sam.py"))
-    print(f"SAM saved to {final}")
-    return final
 
 
 if __name__ == "__main__":

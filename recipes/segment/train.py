@@ -13,21 +13,18 @@ import os
 import sys
 
 from mmkit.cli import run_guarded
-from mmkit.training.config import parse_recipe_args
-from mmkit.training.loop import recipe_command
+from mmkit.training.config import run_recipe
 from mmkit.training.seg import SegRecipeConfig, train_seg
 
 DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "read_shapes.yaml")
 
 
 def main(argv=None):
-    cfg, args = parse_recipe_args(
-        SegRecipeConfig, DEFAULT, description="Train READ's <SEG> head, LoRA and SAM mask decoder.",
-        epilog="Extra arguments are dotted overrides, e.g. model.seg.sasp=null train.learning_rate=1e-4", argv=argv,
+    return run_recipe(
+        SegRecipeConfig, DEFAULT, train_seg, description="Train READ's <SEG> head, LoRA and SAM mask decoder.",
+        epilog="Extra arguments are dotted overrides, e.g. model.seg.sasp=null train.learning_rate=1e-4",
+        script="train.py", saved="segmentation model", argv=argv,
     )
-    final = train_seg(cfg, resume=args.resume, overwrite=args.overwrite, command=recipe_command(argv, "train.py"))
-    print(f"segmentation model saved to {final}")
-    return final
 
 
 if __name__ == "__main__":
