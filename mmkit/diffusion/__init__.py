@@ -24,6 +24,7 @@ from .patch import (
     select_layers,
 )
 from .processors import MmkitAttnProcessor
+from .text_projection import CLP, TextProjectionPatch, WiCLP
 from .tome import MergeRecord, MergeRuntime, ToMe, ToMeAttnProcessor, ToMeConfig
 
 PATCHES: Registry[Callable[[], Patch]] = Registry("patch")
@@ -32,9 +33,14 @@ composition, a 3-step pipeline) run over all of them, so a new patch gets them b
 PATCHES.register("tome", ToMe)
 PATCHES.register("agent_sd", AgentSD)
 PATCHES.register("mmkit_processors", lambda: ProcessorPatch(MmkitAttnProcessor))  # attention through mmkit.ops
+PATCHES.register("clp", lambda: TextProjectionPatch("clp"))  # identity until trained: a no-op by default
+PATCHES.register("wiclp", lambda: TextProjectionPatch("wiclp"))
 
 __all__ = [
+    "CLP",
     "PATCHES",
+    "TextProjectionPatch",
+    "WiCLP",
     "AgentSD",
     "AgentSDAttnProcessor",
     "AgentSDConfig",

@@ -45,7 +45,12 @@ class Patch:
     - :meth:`hooks` - extra torch hooks; return their ``RemovableHandle`` objects.
 
     Neither may change the model in any other way: :class:`PatchHandle` undoes exactly these two.
+
+    ``hook_graphs``: graphs a patch's own hooks add under ``torch.compile`` (a forward pre-hook that computes
+    on tensors is compiled as a frame of its own, next to the UNet's graph); constant over steps.
     """
+
+    hook_graphs = 0
 
     def processors(self, target: PatchTarget) -> dict[str, Any]:
         return {}
