@@ -41,14 +41,20 @@ class Record:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, inner: dict[str, int] | None = None
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    inner: dict[str, int] | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed round-robin so drift hits all of them alike.
 
     ``inner[name]`` runs a fast function several times per sample (the sample is divided back), so a
-    40 ms kernel and a 4 s kernel can share rounds.
+    40 ms kernel and a 4 s kernel can share rounds. On a CUDA ``device`` each sample is timed with CUDA
+    events and waits for the GPU to finish, so asynchronous launches are counted; elsewhere perf_counter.
     """
     inner = inner or {}
+    cuda = device is not None and torch.device(device).type == "cuda"
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -56,10 +62,19 @@ def time_interleaved(
     for _ in range(repeats):
         for name, fn in fns.items():
             count = inner.get(name, 1)
-            t0 = time.perf_counter()
-            for _ in range(count):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / count)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(count):
+                    fn()
+                end.record()
+                torch.cuda.synchronize()
+                samples[name].append(start.elapsed_time(end) / 1e3 / count)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(count):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / count)
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 

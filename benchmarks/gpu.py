@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Record, finish, machine_header  # noqa: E402
+from common import Record, finish, machine_header, time_interleaved  # noqa: E402
 
 SD15_UNET = dict(
     in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -67,24 +66,7 @@ class Bench:
                     raise FloatingPointError(f"{name} returned non-finite values")
                 out[name] = float("nan")
             return out
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        samples: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                if self.device.type == "cuda":
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    torch.cuda.synchronize()
-                    samples[name].append(start.elapsed_time(end) / 1e3)
-                else:
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[name].append(time.perf_counter() - t0)
-        return {name: statistics.median(v) for name, v in samples.items()}
+        return time_interleaved(fns, repeats, warmup, device=self.device)
 
 
 def _ratio(base: float, cand: float) -> float:

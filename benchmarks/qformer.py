@@ -32,11 +32,6 @@ OFFLINE = dict(vision_dim=1280 + 384, tokens_per_frame=9, frames_per_window=4, n
 LLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def clip_features(connector, clips: int, frames: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = connector.config
     g = torch.Generator().manual_seed(0)
@@ -69,7 +64,6 @@ def window_records(args, device) -> list[Record]:
                 else:
                     with torch.no_grad():
                         connector(features, mask)
-            sync(device)
 
         return call
 
@@ -83,7 +77,7 @@ def window_records(args, device) -> list[Record]:
             print(f"compiled backend skipped ({'train' if train else 'eval'}): {type(err).__name__}: "
                   f"{str(err).splitlines()[0][:160]}")
         fns = {name: run(b, train) for name, b in backends.items()}
-        times = time_interleaved(fns, repeats=3 if args.quick else 7, warmup=1)
+        times = time_interleaved(fns, repeats=3 if args.quick else 7, warmup=1, device=device)
         mode = "forward+backward" if train else "forward"
         per_s = {name: windows / t for name, t in times.items()}
         records.append(Record(f"qformer {mode} windows/s", "eager (dense mask)", "default backend",
@@ -98,17 +92,15 @@ def window_records(args, device) -> list[Record]:
     return records
 
 
-def step_fns(connector, model, features, mask, prompts, targets, device) -> dict:
+def step_fns(connector, model, features, mask, prompts, targets) -> dict:
     """The connector's forward+backward alone, and a whole training step through the frozen LLM."""
 
     def connector_only():
         tokens, _ = connector(features, mask)
         tokens.float().square().mean().backward()
-        sync(device)
 
     def whole_step():
         model(features, prompts, targets, feature_mask=mask)["loss"].backward()
-        sync(device)
 
     return {"connector": connector_only, "step": whole_step}
 
@@ -130,8 +122,8 @@ def share_records(args, device) -> list[Record]:
         prompts = ["<image> Question: which shape appeared first? Answer:"] * clips
         targets = ["circle"] * clips
 
-        times = time_interleaved(step_fns(connector, model, features, mask, prompts, targets, device),
-                                 repeats=3 if args.quick else 5, warmup=1)
+        times = time_interleaved(step_fns(connector, model, features, mask, prompts, targets),
+                                 repeats=3 if args.quick else 5, warmup=1, device=device)
         share = times["connector"] / times["step"]
         records.append(Record(f"connector share of a step ({label})", "whole training step", "connector fwd+bwd",
                               share, values={"seconds": times, "clips": clips, "frames": frames,

@@ -134,6 +134,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_folder(directory: str | os.PathLike, write: typing.Callable[[Path], object]) -> Path:
+    """Build a folder with ``write(tmp)`` in a temporary sibling, then rename it into place: readers never see a
+    half-written folder. If another process finished the same folder first, its copy is kept."""
+    import shutil
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        write(tmp)
+        if directory.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

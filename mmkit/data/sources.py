@@ -136,6 +136,21 @@ def _vqa_prompt(template: str, question: str) -> str:
     return template.replace("{question}", question)
 
 
+def _task_examples(source: DataSource, texts, caption_prompt: str, vqa_prompt: str, seed: int | None) -> list[Example]:
+    """``data.tasks`` examples per item of a procedural source: ``texts(i, with_qa)`` gives item i's caption and
+    (when asked) its QA pairs, from which ``tasks["vqa"]`` are drawn with one RNG seeded by ``seed`` / data.seed."""
+    cfg = source.config
+    rng = random.Random(cfg.seed if seed is None else seed)
+    n_cap, n_vqa = int(cfg.tasks.get("caption", 0)), int(cfg.tasks.get("vqa", 0))
+    out: list[Example] = []
+    for i in range(len(source)):
+        cap, qas = texts(i, n_vqa > 0)
+        out += [Example(i, caption_prompt, cap, cap, "caption")] * n_cap
+        for qa in rng.sample(qas, min(n_vqa, len(qas))) if n_vqa else []:
+            out.append(Example(i, _vqa_prompt(vqa_prompt, qa.question), qa.answer, cap, f"vqa:{qa.kind}"))
+    return out
+
+
 # ---------------------------------------------------------------------- ShapesWorld
 class ShapesWorldSource(DataSource):
     """Procedural scenes with exact ground truth: captions from a grammar, QA, attribute checks."""
@@ -192,19 +207,11 @@ class ShapesWorldSource(DataSource):
     def examples(self, *, caption_prompt: str, vqa_prompt: str, seed: int | None = None) -> list[Example]:
         from .shapes_language import caption, qa_pairs
 
-        cfg = self.config
-        rng = random.Random(cfg.seed if seed is None else seed)
-        n_cap, n_vqa = int(cfg.tasks.get("caption", 0)), int(cfg.tasks.get("vqa", 0))
-        out: list[Example] = []
-        for i in range(len(self)):
+        def texts(i: int, with_qa: bool):
             scene = self.dataset.scene(i)
-            cap = caption(scene)
-            out += [Example(i, caption_prompt, cap, cap, "caption")] * n_cap
-            if n_vqa:
-                pairs = qa_pairs(scene, seed=self.dataset.seed_of(i))
-                for qa in rng.sample(pairs, min(n_vqa, len(pairs))):
-                    out.append(Example(i, _vqa_prompt(vqa_prompt, qa.question), qa.answer, cap, f"vqa:{qa.kind}"))
-        return out
+            return caption(scene), qa_pairs(scene, seed=self.dataset.seed_of(i)) if with_qa else []
+
+        return _task_examples(self, texts, caption_prompt, vqa_prompt, seed)
 
 
 # ---------------------------------------------------------------------- files
@@ -347,19 +354,11 @@ class ShapesWorldClipsSource(DataSource):
     def examples(self, *, caption_prompt: str, vqa_prompt: str, seed: int | None = None) -> list[Example]:
         from .clips import clip_caption, clip_questions
 
-        cfg = self.config
-        rng = random.Random(cfg.seed if seed is None else seed)
-        n_cap, n_vqa = int(cfg.tasks.get("caption", 0)), int(cfg.tasks.get("vqa", 0))
-        out: list[Example] = []
-        for i in range(len(self)):
+        def texts(i: int, with_qa: bool):
             clip = self.dataset.clip(i)
-            cap = clip_caption(clip)
-            out += [Example(i, caption_prompt, cap, cap, "caption")] * n_cap
-            if n_vqa:
-                qas = clip_questions(clip)
-                for qa in rng.sample(qas, min(n_vqa, len(qas))):
-                    out.append(Example(i, _vqa_prompt(vqa_prompt, qa.question), qa.answer, cap, f"vqa:{qa.kind}"))
-        return out
+            return clip_caption(clip), clip_questions(clip) if with_qa else []
+
+        return _task_examples(self, texts, caption_prompt, vqa_prompt, seed)
 
 
 # ---------------------------------------------------------------------- referring segmentation

@@ -136,7 +136,7 @@ class TextProjectionPatch(Patch):
         def refresh(step) -> None:
             state["second_half"] = self._second_half(source)
 
-        unsubscribe = target.context.subscribe(refresh)
+        target.context.subscribe(refresh)  # the context belongs to this patch's handle and goes with it
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if "encoder_hidden_states" in kwargs:
@@ -150,9 +150,8 @@ class TextProjectionPatch(Patch):
             timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
             projected = self.projector(states.to(weight.dtype)).to(states.dtype)
             n = states.shape[0]
-            rows = torch.ones(n, dtype=torch.bool, device=states.device)
-            if state["second_half"]:
-                rows = torch.arange(n, device=states.device) >= n // 2  # [unconditional, conditional]
+            # conditional rows: all, or the second half of a guided [unconditional, conditional] batch
+            rows = torch.arange(n, device=states.device) >= (n // 2 if state["second_half"] else 0)
             if self.switch_off is not None and timestep is not None:
                 t = torch.as_tensor(timestep, device=states.device)
                 rows = rows & (t.reshape(-1) > self.switch_off).expand(n) if t.numel() in (1, n) else rows
@@ -161,20 +160,7 @@ class TextProjectionPatch(Patch):
                 return args, {**kwargs, "encoder_hidden_states": out}
             return (*args[:2], out, *args[3:]), kwargs
 
-        handle = target.model.register_forward_pre_hook(hook, with_kwargs=True)
-        return [handle, _Removable(unsubscribe)]
-
-
-class _Removable:
-    """A RemovableHandle-like wrapper for an unsubscribe callback (PatchHandle removes hooks with ``remove()``)."""
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def remove(self) -> None:
-        if self.fn is not None:
-            self.fn()
-            self.fn = None
+        return [target.model.register_forward_pre_hook(hook, with_kwargs=True)]
 
 
 for _cls in (CLP, WiCLP):

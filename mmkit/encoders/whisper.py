@@ -21,15 +21,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config import atomic_write_folder
 from ..hub import CARRIERS, carrier_path, hub_offline
 
 SAMPLING_RATE = 16_000
@@ -186,20 +185,12 @@ def convert_ct2_whisper(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     tokenizer = WhisperTokenizerFast(tokenizer_file=str(ct2_dir / "tokenizer.json"), unk_token="<|endoftext|>",
                                      bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        extractor.save_pretrained(tmp)
-        if out_dir.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        extractor.save_pretrained(folder)
+
+    return atomic_write_folder(out_dir, write)
 
 
 # ---------------------------------------------------------------------- loading

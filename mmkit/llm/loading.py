@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..config import atomic_write_folder
 from ..hub import ALL_CARRIERS_HINT, CARRIERS, carrier_file, hub_offline
 
 logger = logging.getLogger("mmkit.llm")
@@ -69,19 +68,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         plain = AutoModelForCausalLM.from_config(plain_config)
     plain.load_state_dict(model.state_dict(), assign=True)
     plain.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        plain.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    def write(folder: Path) -> None:
+        plain.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+
+    return atomic_write_folder(out_dir, write)
 
 
 def load_causal_lm(name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):

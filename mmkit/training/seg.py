@@ -77,12 +77,11 @@ class SamEmbedder:
         from ..data.promptable import sam_pixels
 
         pixels = torch.stack([sam_pixels(im.convert("RGB").resize((self.size, self.size))) for im in images])
+        from ..encoders.base import EncoderOutput
+
         emb = self.sam.get_image_embeddings(pixels.to(self.sam.device))  # (B, C, s, s)
-
-        class _Out:
-            tokens = emb.flatten(2).transpose(1, 2)  # (B, s * s, C)
-
-        return _Out()
+        tokens = emb.flatten(2).transpose(1, 2)  # (B, s * s, C)
+        return EncoderOutput(tokens=tokens, pooled=tokens.mean(1))
 
 
 def sam_fingerprint(sam, name: str) -> dict:
