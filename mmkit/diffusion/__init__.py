@@ -13,6 +13,7 @@ from collections.abc import Callable
 from ..registry import Registry
 from .agent_sd import AgentSD, AgentSDAttnProcessor, AgentSDConfig, AgentSDStep, published_schedule
 from .context import DenoiseContext
+from .neti import NeTIConfig, NeTIMapper, NeTIPatch
 from .patch import (
     Patch,
     PatchHandle,
@@ -35,6 +36,7 @@ PATCHES.register("agent_sd", AgentSD)
 PATCHES.register("mmkit_processors", lambda: ProcessorPatch(MmkitAttnProcessor))  # attention through mmkit.ops
 PATCHES.register("clp", lambda: TextProjectionPatch("clp"))  # identity until trained: a no-op by default
 PATCHES.register("wiclp", lambda: TextProjectionPatch("wiclp"))
+PATCHES.register("neti", NeTIPatch)  # a fresh, untrained mapper sized from the UNet; acts on prompts with <S*>
 
 __all__ = [
     "CLP",
@@ -49,6 +51,9 @@ __all__ = [
     "MergeRecord",
     "MergeRuntime",
     "MmkitAttnProcessor",
+    "NeTIConfig",
+    "NeTIMapper",
+    "NeTIPatch",
     "Patch",
     "PatchHandle",
     "PatchTarget",

@@ -146,7 +146,8 @@ class PixelTextToImagePipeline(DiffusionPipeline):
 
         device = self._execution_device
         total = len(prompts) * n
-        guided = guidance_scale > 1.0
+        self._guidance_scale = guidance_scale
+        guided = self.do_classifier_free_guidance
         cond, cond_mask = self.encode_prompt(prompts)  # (B, L, D), (B, L)
         cond, cond_mask = cond.repeat_interleave(n, 0), cond_mask.repeat_interleave(n, 0)
         if guided:
@@ -191,6 +192,12 @@ class PixelTextToImagePipeline(DiffusionPipeline):
             result = array if output_type == "np" else self.numpy_to_pil(array)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=result) if return_dict else (result,)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the UNet batch of the call in progress is ``[unconditional, conditional]`` (as diffusers'
+        pipelines say it; patches that treat the halves differently read it)."""
+        return getattr(self, "_guidance_scale", 1.0) > 1.0
 
     @staticmethod
     def _check_prompts(name: str, value: Any) -> list[str]:

@@ -97,14 +97,22 @@ class MmkitAttnProcessor:
         ``encoder_hidden_states`` (cross-attention, normed when ``attn.norm_cross``) or from
         ``hidden_states`` (self-attention).
         """
-        B = hidden_states.shape[0]
         if encoder_hidden_states is None:
-            context = hidden_states
-        elif attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        else:
-            context = encoder_hidden_states
-        q, k, v = project_qkv(attn, hidden_states, context)  # (B, L, H, D), (B, M, Hkv, D), (B, M, Hkv, Dv)
+            return self.attend_to(attn, hidden_states, hidden_states, None, attention_mask)
+        return self.attend_to(attn, hidden_states, encoder_hidden_states, None, attention_mask, cross=True)
+
+    def attend_to(
+        self, attn: nn.Module, hidden_states: Tensor, context: Tensor, value_context: Tensor | None,
+        attention_mask: Tensor | None, *, cross: bool = False,
+    ) -> Tensor:
+        """Attention of ``hidden_states`` (B, L, C) to ``context`` (B, M, C_ctx) -> (B, L, C_out); values from
+        ``value_context`` when given. ``cross``: the contexts are text states (normed when ``attn.norm_cross``)."""
+        B = hidden_states.shape[0]
+        if cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+            if value_context is not None:
+                value_context = attn.norm_encoder_hidden_states(value_context)
+        q, k, v = project_qkv(attn, hidden_states, context, value_context)  # (B, L, H, D), (B, M, Hkv, D), (B, M, Hkv, Dv)
         mask = None
         if attention_mask is not None:
             prepared = attn.prepare_attention_mask(attention_mask, k.shape[1], B)  # (B*H, 1 or L, M)
@@ -116,15 +124,18 @@ class MmkitAttnProcessor:
         return f"{type(self).__name__}(backend={self.backend!r})"
 
 
-def project_qkv(attn: nn.Module, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def project_qkv(
+    attn: nn.Module, x: Tensor, context: Tensor, value_context: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Query from x (B, L, C), key/value from context (B, M, C_ctx), split into heads, q/k norms applied.
 
+    ``value_context`` (B, M, C_ctx): values from it instead of ``context`` (NeTI's textual bypass).
     Returns q (B, L, H, D), k (B, M, Hkv, D), v (B, M, Hkv, Dv); Hkv = H unless the layer has fewer kv heads.
     """
     q = attn.to_q(x).unflatten(-1, (attn.heads, -1))  # (B, L, H, D)
     head_dim = q.shape[-1]
     k = attn.to_k(context).unflatten(-1, (-1, head_dim))  # (B, M, Hkv, D)
-    v = attn.to_v(context)
+    v = attn.to_v(context if value_context is None else value_context)
     v = v.unflatten(-1, (k.shape[2], -1))  # (B, M, Hkv, Dv)
     if attn.norm_q is not None:
         q = attn.norm_q(q)

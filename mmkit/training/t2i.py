@@ -54,6 +54,7 @@ class ModelConfig(StrictConfig):
     text_time_heads: int = 6
     text_encoder: str = DEFAULT_TEXT_ENCODER
     max_length: int = 20
+    init_from: str | None = None  # start from this pipeline folder's UNet (or a checkpoint's unet_ema/ or unet/)
 
     def __post_init__(self) -> None:
         if len(self.down_block_types) != len(self.block_out_channels) or len(self.up_block_types) != len(
@@ -153,6 +154,29 @@ def build_unet(model: ModelConfig, image_size: int, cross_attention_dim: int):
     )
 
 
+def load_unet_weights(unet, source: str) -> Path:
+    """Copy the weights of a saved UNet into ``unet``: ``source`` is a pipeline folder (its ``unet/``), a training
+    checkpoint (its ``unet_ema/``, else ``unet/``) or a UNet folder. Returns the folder read; a UNet of other sizes
+    is refused naming the first tensor that differs."""
+    from diffusers import UNet2DConditionModel
+
+    root = Path(source)
+    candidates = [root / "unet_ema", root / "unet", root]
+    folder = next((c for c in candidates if (c / "config.json").is_file()), None)
+    if folder is None:
+        raise FileNotFoundError(f"model.init_from={source!r}: no UNet there (looked for config.json in "
+                                f"{', '.join(str(c) for c in candidates)})")
+    state = UNet2DConditionModel.from_pretrained(folder).state_dict()
+    own = unet.state_dict()
+    for name, tensor in own.items():
+        if name not in state or state[name].shape != tensor.shape:
+            got = tuple(state[name].shape) if name in state else "missing"
+            raise ValueError(f"model.init_from={source!r}: the saved UNet does not fit this config ({name}: saved "
+                             f"{got}, config {tuple(tensor.shape)}); use the model section it was trained with")
+    unet.load_state_dict(state)
+    return folder
+
+
 def build_noise_scheduler(noise: NoiseConfig):
     from diffusers import DDPMScheduler
 
@@ -199,6 +223,8 @@ class T2ITask(TrainingTask):
         self.data = ShapesT2IData(cfg.data)
         torch.manual_seed(tc.seed)
         self.module = build_unet(cfg.model, cfg.data.world.image_size, self.prompts.dim)
+        if cfg.model.init_from:
+            load_unet_weights(self.module, cfg.model.init_from)
         self.noise_scheduler = build_noise_scheduler(cfg.noise)
         # EMA hyper-parameters come from the config; a checkpoint holds the EMA weights as a plain UNet folder
         # (unet_ema/) and the EMA step count in state.json.

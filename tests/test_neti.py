@@ -1,0 +1,296 @@
+"""NeTI: the mapper's formulas (Fourier features, anchor init, nested dropout, truncation, both re-scalings),
+the concept encoder against an independent CLIP computation, the per-layer contexts reaching the right
+cross-attention layer, equivalence with textual inversion when the mapper is constant, the cache, training
+gradients, removal, compile, saving and the bad inputs."""
+
+import math
+
+import pytest
+import torch
+from test_diffusion_patch import tiny_pipeline  # pytest prepends tests/ to sys.path
+
+from mmkit.adapters import load_adapter
+from mmkit.diffusion import AgentSD, NeTIConfig, NeTIMapper, NeTIPatch, patch
+from mmkit.diffusion.agent_sd import AgentSDConfig, AgentSDStep
+from mmkit.diffusion.neti import final_norm
+from mmkit.diffusion.text_projection import TextProjectionPatch
+
+PROMPT = "a red <S*>"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def sample(pipe, prompt=PROMPT, steps=3, **kw):
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                output_type="pt", **kw).images
+
+
+def small_mapper(pipe, **overrides):
+    torch.manual_seed(0)
+    cfg = dict(token_dim=pipe.text_encoder.config.hidden_size, num_layers=n_cross(pipe), num_frequencies=64,
+               hidden_dim=16, super_category="red")
+    return NeTIMapper(NeTIConfig(**{**cfg, **overrides})).eval()
+
+
+def n_cross(pipe):
+    return sum(1 for m in pipe.unet.attn_processors if "attn2" in m)
+
+
+# ---------------------------------------------------------------------- the mapper
+def test_fourier_features_and_the_anchor_layer_match_a_float64_computation():
+    m = NeTIMapper(NeTIConfig(token_dim=12, num_layers=3, num_frequencies=32, time_anchors=4, hidden_dim=8))
+    w = m.frequencies.double()
+    assert torch.allclose(w.std(0), torch.tensor([0.03, 2.0], dtype=torch.float64), rtol=0.35)
+
+    def enc(t, layer):
+        z = w @ torch.tensor([t, layer], dtype=torch.float64)
+        v = torch.cat([z.sin(), z.cos()])
+        return v / v.norm()
+
+    got = m.encode(torch.tensor([999.0, 250.0]), torch.tensor([2.0, 0.0])).double()
+    torch.testing.assert_close(got, torch.stack([enc(999, 2), enc(250, 0)]), atol=1e-5, rtol=0)
+    anchors = [enc(t, layer) for t in (0, 250, 500, 750) for layer in range(3)]  # time-major, 4 x 3 rows
+    torch.testing.assert_close(m.input_layer.weight.double(), torch.stack(anchors), atol=1e-5, rtol=0)
+
+
+def test_nested_dropout_truncation_and_both_rescalings():
+    cfg = NeTIConfig(token_dim=6, num_layers=2, num_frequencies=16, hidden_dim=10, nested_dropout=1.0, norm_scale=3.0)
+    m = NeTIMapper(cfg)
+    t, lay = torch.full((64,), 500.0), torch.zeros(64)
+    m.train()
+    h = m.code(t, lay)
+    cut = (h != 0).sum(1)  # rows keep a prefix of the dims: zero from the cut on
+    for row, k in zip(h, cut):
+        assert (row[:k] != 0).all() and (row[k:] == 0).all()
+    assert len(set(cut.tolist())) > 3  # a cut per row
+    m.eval()
+    assert (m.code(t, lay) != 0).all()  # no dropout at inference
+    assert (m.code(t, lay, truncation=4)[:, 4:] == 0).all() and (m.code(t, lay, truncation=4)[:, :4] != 0).all()
+    token, bypass = m(t[:2], lay[:2])
+    torch.testing.assert_close(torch.cat([token, bypass], 1).norm(dim=1), torch.full((2,), 3.0))  # official
+    m.config.rescale = "token"
+    token2, bypass2 = m(t[:2], lay[:2])
+    torch.testing.assert_close(token2.norm(dim=1), torch.full((2,), 3.0))  # the paper's wording
+    m.config.nested_dropout = 0.0
+    m.train()
+    torch.testing.assert_close(m.code(t, lay), NeTIMapper.code(m.eval(), t, lay))
+
+
+def test_the_mapper_depends_on_time_and_layer_and_saves_as_an_adapter(tmp_path):
+    m = NeTIMapper(NeTIConfig(token_dim=8, num_layers=4, num_frequencies=32, hidden_dim=8)).eval()
+    a, _ = m(torch.tensor([900.0, 100.0, 900.0]), torch.tensor([0, 0, 3]))
+    assert not torch.allclose(a[0], a[1]) and not torch.allclose(a[0], a[2])
+    m.save_adapter(tmp_path / "neti")
+    back, _ = load_adapter(tmp_path / "neti")
+    b, _ = back.eval()(torch.tensor([900.0, 100.0, 900.0]), torch.tensor([0, 0, 3]))
+    assert torch.equal(a, b) and torch.equal(back.frequencies, m.frequencies)
+
+
+# ---------------------------------------------------------------------- the text side
+def test_concept_encoder_matches_an_independent_clip_computation(pipe):
+    m = small_mapper(pipe)
+    p = NeTIPatch(m)
+    with patch(pipe, p):
+        ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=13, return_tensors="pt")["input_ids"]
+        t = 700.0
+        keys, values = p.contexts(ids, None, t)  # (n, 1, L, d)
+        pid = p.placeholder_id()
+        base = p.encoder.base_id
+    te = pipe.text_encoder
+    at = (ids == pid)[0]
+    assert at.sum() == 1
+    for layer in (0, keys.shape[0] - 1):
+        token, bypass = m(torch.tensor([t]), torch.tensor([layer]))
+        with torch.no_grad():
+            # a textual-inversion style run: the embedding table with the concept's row set to the token
+            emb = te.get_input_embeddings().weight.clone()
+            row = torch.cat([emb, token.detach()], 0)
+            ids_ti = torch.where(ids == pid, torch.full_like(ids, emb.shape[0]), ids)
+            old = te.get_input_embeddings()
+            te.set_input_embeddings(torch.nn.Embedding.from_pretrained(row))
+            try:
+                out = te(input_ids=ids_ti, output_hidden_states=True)
+            finally:
+                te.set_input_embeddings(old)
+            h = out.hidden_states[-1][0]  # (L, d) before the final layer norm
+            b = bypass[0] / bypass[0].norm()
+            h2 = h.clone()
+            h2[at] = h[at] + 0.2 * b * h[at].norm(dim=-1, keepdim=True)
+            ref_values = getattr(te, "text_model", te).final_layer_norm(h2)
+        torch.testing.assert_close(keys[layer, 0], out.last_hidden_state[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values[layer, 0], ref_values, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(keys[0], keys[-1])  # a different token per layer
+    assert base == pipe.tokenizer("red", add_special_tokens=False)["input_ids"][0]
+
+
+def test_final_norm_is_found_for_clip_and_bert_and_refused_otherwise():
+    from mmkit.testing.tiny import tiny_clip_text
+
+    clip = tiny_clip_text()
+    assert final_norm(clip) is getattr(clip, "text_model", clip).final_layer_norm
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=16))
+    assert final_norm(bert) is bert.encoder.layer[-1].output.LayerNorm
+    with pytest.raises(ValueError, match="cannot find the final layer norm of Linear; accepted: .*CLIPTextModel"):
+        final_norm(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------- the UNet side
+def test_every_cross_attention_layer_gets_its_own_contexts(pipe):
+    m = small_mapper(pipe)
+    p = NeTIPatch(m)
+    seen = {}
+    layers = [name[: -len(".processor")] for name in pipe.unet.attn_processors if "attn2" in name]
+    handles = []
+    for i, name in enumerate(layers):
+        attn = pipe.unet.get_submodule(name)
+        handles.append(attn.to_k.register_forward_pre_hook(lambda mod, a, i=i: seen.setdefault(("k", i), a[0].clone())))
+        handles.append(attn.to_v.register_forward_pre_hook(lambda mod, a, i=i: seen.setdefault(("v", i), a[0].clone())))
+    with patch(pipe, p):
+        sample(pipe, steps=1)
+        ids = p._prompts[0]
+        t = float(pipe.scheduler.timesteps[0])
+        keys, values = p.contexts(ids, None, t)
+    for h in handles:
+        h.remove()
+    for i in range(len(layers)):
+        k, v = seen[("k", i)], seen[("v", i)]  # (2, L, d): [negative, positive]
+        torch.testing.assert_close(k[1], keys[i, 0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(v[1], values[i, 0], atol=1e-6, rtol=1e-6)
+        assert torch.equal(k[0], v[0])  # the negative prompt: the pipeline's own context, no bypass
+    assert not torch.allclose(seen[("k", 0)][1], seen[("k", len(layers) - 1)][1])
+
+
+def test_a_constant_mapper_without_bypass_is_textual_inversion(pipe):
+    """Same token for every (t, l) and no bypass: NeTI must equal plain textual inversion with that token."""
+    m = small_mapper(pipe, output_bypass=False)
+    with torch.no_grad():
+        m.input_layer.weight.zero_()
+    p = NeTIPatch(m)
+    with patch(pipe, p):
+        got = sample(pipe)
+        ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=13, return_tensors="pt")["input_ids"]
+        neg = pipe.tokenizer([""], padding="max_length", max_length=13, return_tensors="pt")["input_ids"]
+        token, _ = m(torch.tensor([0.0]), torch.tensor([0]))
+        pid = p.placeholder_id()
+    te = pipe.text_encoder
+    emb = te.get_input_embeddings().weight
+    table = torch.nn.Embedding.from_pretrained(torch.cat([emb, token.detach()], 0))
+    old = te.get_input_embeddings()
+    te.set_input_embeddings(table)
+    try:
+        with torch.no_grad():
+            cond = te(input_ids=torch.where(ids == pid, torch.full_like(ids, emb.shape[0]), ids)).last_hidden_state
+            uncond = te(input_ids=neg).last_hidden_state
+    finally:
+        te.set_input_embeddings(old)
+    ref = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=3, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prompts_without_the_concept_are_untouched_batches_mix_and_removal_restores(pipe):
+    before_plain = sample(pipe, "a red circle")
+    before_ids = pipe.tokenizer(PROMPT)["input_ids"]
+    noise = torch.randn((4, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    p = NeTIPatch(small_mapper(pipe))
+    with patch(pipe, p):
+        assert torch.equal(sample(pipe, "a red circle"), before_plain)
+        mixed = sample(pipe, [PROMPT, "a red circle"], num_images_per_prompt=2, latents=noise)
+        alone = sample(pipe, PROMPT, num_images_per_prompt=2, latents=noise[:2])
+        again = sample(pipe, PROMPT, num_images_per_prompt=2, latents=noise[:2])
+        assert len(p._cache) == 6  # one per (prompts, timestep) of the 2 concept batches; the 3rd run reused them
+    torch.testing.assert_close(mixed[:2], alone, atol=1e-5, rtol=1e-5)
+    assert torch.equal(alone, again)
+    # the plain rows of the mixed batch: the same as a plain batch started from the same noise
+    plain = sample(pipe, "a red circle", num_images_per_prompt=2, latents=noise[2:])
+    torch.testing.assert_close(mixed[2:], plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(alone, sample(pipe, PROMPT, num_images_per_prompt=2, latents=noise[:2]), atol=1e-3)
+    assert pipe.tokenizer(PROMPT)["input_ids"] == before_ids  # the tokenizer is back
+    assert torch.equal(sample(pipe, "a red circle"), before_plain)
+
+
+def test_truncation_changes_the_images_and_zero_truncation_ignores_the_code(pipe):
+    m = small_mapper(pipe)
+    with patch(pipe, NeTIPatch(m, truncation=0)):
+        zero = sample(pipe, steps=2)
+    with patch(pipe, NeTIPatch(m, truncation=4)):
+        four = sample(pipe, steps=2)
+    with patch(pipe, NeTIPatch(m)):
+        full = sample(pipe, steps=2)
+    assert not torch.allclose(zero, four) and not torch.allclose(four, full)
+
+
+def test_training_gradients_reach_only_the_mapper(pipe):
+    m = small_mapper(pipe).train()
+    p = NeTIPatch(m, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, auto=False)
+    unet = pipe.unet
+    frozen = (unet, pipe.text_encoder)
+    for module in frozen:
+        module.requires_grad_(False)
+    try:
+        with patch(unet, p):
+            out, ctx = train_step(pipe, p)
+        out.pow(2).mean().backward()
+    finally:
+        for module in frozen:
+            module.requires_grad_(True)
+    grads = [q.grad for q in m.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(q.grad is None for module in frozen for q in module.parameters())
+
+
+def train_step(pipe, p):
+    """One forward as a NeTI training loop makes it: contexts for each row's own timestep, then the UNet."""
+    ids = pipe.tokenizer([PROMPT, PROMPT], padding="max_length", max_length=13, return_tensors="pt")["input_ids"]
+    t = torch.tensor([900, 100])
+    ctx = p.condition(ids, None, t)
+    assert p.runtime.keys.shape[:2] == (n_cross(pipe), 2)
+    out = pipe.unet(torch.randn(2, 4, 16, 16), t, encoder_hidden_states=ctx).sample
+    return out, ctx
+
+
+def test_composes_with_text_projection_and_agent_sd_and_compiles(pipe):
+    import torch._dynamo as dynamo
+
+    steps = (AgentSDStep(start_step=0, sx=2, sy=2),)
+    patches = lambda: (NeTIPatch(small_mapper(pipe)), TextProjectionPatch("wiclp"),  # noqa: E731
+                       AgentSD(AgentSDConfig(schedule=steps, use_rand=False)))
+    before = sample(pipe, steps=2)
+    with patch(pipe, *patches()):
+        eager = sample(pipe, steps=2)
+    assert torch.equal(sample(pipe, steps=2), before)
+    unet = pipe.unet
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    pipe.unet = torch.compile(unet, fullgraph=True, backend="aot_eager")
+    try:
+        with patch(pipe, *patches()):
+            compiled = sample(pipe, steps=2)
+            sample(pipe, steps=2)
+        frames = dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        pipe.unet = unet
+        dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert frames <= 1 + 1 + 1, frames  # the UNet, NeTI's layout hook, WiCLP's hook; never one per step
+
+
+def test_bad_inputs_name_both_sides(pipe):
+    with pytest.raises(ValueError, match=r"trained for a UNet with 5 cross-attention layers, but UNet2DConditionModel "
+                                         rf"has {n_cross(pipe)}"):
+        patch(pipe, NeTIPatch(small_mapper(pipe, num_layers=5)))
+    with pytest.raises(ValueError, match="makes 10-d token embeddings, but the UNet's cross-attention takes 24-d"):
+        patch(pipe, NeTIPatch(small_mapper(pipe, token_dim=10)))
+    with pytest.raises(ValueError, match="super-category word 'red circle' must be one token"):
+        patch(pipe, NeTIPatch(small_mapper(pipe, super_category="red circle")))
+    with pytest.raises(ValueError, match=r"truncation must be in \[0, 16\]"):
+        small_mapper(pipe)(torch.tensor([1.0]), torch.tensor([0]), truncation=17)
+    with pytest.raises(ValueError, match="rescale must be one of"):
+        NeTIConfig(rescale="both")
+    assert math.isfinite(sample(pipe, "a red circle").sum().item())  # nothing left behind by the failures
