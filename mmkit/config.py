@@ -51,10 +51,16 @@ class StrictConfig:
             if key not in names:
                 raise _unknown_key_error(cls.__name__, key, names)
         hints = typing.get_type_hints(cls)
+        defaults = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                    if f.default_factory is not dataclasses.MISSING}
         kwargs = {}
         for key, value in data.items():
             sub = _strict_config_type(hints.get(key))
             if sub is not None and isinstance(value, dict):
+                # a partial section overrides this field's own default (e.g. the T2I world), not the class's
+                base = defaults[key]() if key in defaults else None
+                if isinstance(base, StrictConfig):
+                    value = _merged(base.to_dict(), value)
                 value = sub.from_dict(value)
             elif isinstance(value, list) and _wants_tuple(hints.get(key)):
                 value = tuple(value)
@@ -85,6 +91,12 @@ class StrictConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"{cls.__name__}: {path} is not valid JSON ({err})") from None
         return cls.from_dict(data)
+
+
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the keys of ``changes`` replaced (a dict-valued field is replaced whole; nested sections are
+    merged by their own ``from_dict``)."""
+    return {**base, **changes}
 
 
 def _strict_config_type(hint: Any) -> type[StrictConfig] | None:

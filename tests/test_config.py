@@ -41,3 +41,15 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_text(tmp_path / "a" / "x.txt", "hello")
     assert (tmp_path / "a" / "x.txt").read_text() == "hello"
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["x.txt"]
+
+
+def test_a_partial_section_overrides_the_fields_own_default():
+    """``data: {world: {image_size: 16}}`` changes the image size of the recipe's world, not the class defaults."""
+    from mmkit.training.t2i import T2ITrainConfig
+    from mmkit.training.t2i_adapters import ProjectionTrainConfig
+
+    t2i = T2ITrainConfig.from_dict({"data": {"world": {"image_size": 16}}})
+    assert t2i.data.world.image_size == 16 and t2i.data.world.shapes == ("circle", "square", "triangle", "star")
+    two = ProjectionTrainConfig.from_dict({"data": {"world": {"image_size": 16}}})
+    assert two.data.world.min_objects == two.data.world.max_objects == 2
+    assert T2ITrainConfig.from_dict(t2i.to_dict()) == t2i  # full dicts (saved runs) read back unchanged

@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     total = len(args.prompt) * args.num_images
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(total)]
     patches = build_patches(args, args.steps)
+    for p in patches:
+        p.check_prompts(list(args.prompt))
     kwargs = {"num_inference_steps": args.steps, "guidance_scale": guidance, "generator": generators,
               "num_images_per_prompt": args.num_images, "negative_prompt": args.negative_prompt}
     t0 = time.perf_counter()

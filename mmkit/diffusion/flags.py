@@ -36,7 +36,7 @@ class PatchFlag:
     help: str
     build: Callable[[argparse.Namespace, int], Any]
     options: tuple[Option, ...] = ()
-    nargs: str | None = None
+    nargs: str | int | None = None  # None: a switch; 1: a required value; "?": an optional value
     type: Callable[[str], Any] = float
     const: Any = None
     metavar: str | None = None
@@ -77,11 +77,33 @@ def register_patch_flag(row: PatchFlag, *, replace: bool = False) -> PatchFlag:
     return PATCH_FLAGS.register(row.flag, row, replace=replace)
 
 
+def _build_neti(args: argparse.Namespace, steps: int):
+    from .neti import NeTIPatch
+
+    return NeTIPatch(str(args.neti), truncation=args.truncation)
+
+
+def _build_text_projection(args: argparse.Namespace, steps: int):
+    from ..adapters import load_adapter
+    from .text_projection import TextProjectionPatch
+
+    projector, _ = load_adapter(str(args.text_projection), family="text_projection")
+    return TextProjectionPatch(projector, switch_off=args.switch_off)
+
+
 register_patch_flag(PatchFlag(
     "--agent-sd", "AgentSD: agent attention on ToMe-merged tokens (published schedule)", _build_agent_sd,
     options=(Option("--agent-sd-ratio", float, 0.4, "AgentSD's ToMe merge ratio (default 0.4)"),)))
 register_patch_flag(PatchFlag("--tome", "ToMe token merging with this ratio (bare flag: 0.5)", _build_tome,
                               nargs="?", const=0.5, metavar="RATIO"))
+register_patch_flag(PatchFlag(
+    "--neti", "NeTI (or textual inversion) concept adapter folder; prompts name the concept by its token (<S*>)",
+    _build_neti, nargs=1, type=str, metavar="PATH",
+    options=(Option("--truncation", int, None, "NeTI nested-dropout truncation index (lower: more editable)"),)))
+register_patch_flag(PatchFlag(
+    "--text-projection", "CLP / WiCLP text projection adapter folder", _build_text_projection, nargs=1, type=str,
+    metavar="PATH", options=(Option("--switch-off", float, None,
+                                    "project only while the timestep is above this (default: at every step)"),)))
 
 
 def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +112,8 @@ def add_patch_arguments(parser: argparse.ArgumentParser) -> None:
     for _, row in PATCH_FLAGS.items():
         if row.nargs is None:
             group.add_argument(row.flag, action="store_true", help=row.help)
+        elif row.nargs == 1:  # a flag that needs its value (a path)
+            group.add_argument(row.flag, default=None, type=row.type, metavar=row.metavar, help=row.help)
         else:
             group.add_argument(row.flag, nargs=row.nargs, const=row.const, default=None, type=row.type,
                                metavar=row.metavar, help=row.help)

@@ -152,7 +152,43 @@ class NeTIMapper(Adapter):
         return token, bypass
 
 
-register_adapter(NeTIMapper)
+@dataclass
+class TextualInversionConfig(AdapterConfig):
+    token_dim: int = 768
+    placeholder: str = "<S*>"
+    super_category: str = "object"  # the training recipe starts the embedding from this word's
+    num_layers: int = 0  # one embedding for every layer and timestep: fits any UNet (0)
+    bypass_scale: float = 0.2  # unused (no bypass); kept so the patch reads one set of fields
+    layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.token_dim < 1:
+            raise ValueError(f"TextualInversionConfig.token_dim must be >= 1, got {self.token_dim}")
+        if not self.placeholder or any(c.isspace() for c in self.placeholder):
+            raise ValueError(f"placeholder must be one word without spaces, got {self.placeholder!r}")
+        self.layers = tuple(self.layers)
+
+
+class TextualInversion(Adapter):
+    """Plain textual inversion (Gal et al. 2023): one learned embedding for the concept at every timestep and
+    layer, no bypass; NeTI's baseline, served by the same :class:`NeTIPatch`."""
+
+    kind = "textual_inversion"
+    family = "diffusion_mapper"
+    config_class = TextualInversionConfig
+
+    def __init__(self, config: TextualInversionConfig) -> None:
+        super().__init__(config)
+        self.embedding = nn.Parameter(torch.randn(config.token_dim) * 0.02)  # the recipe copies the word's in
+
+    def forward(self, timesteps: Tensor, layers: Tensor, truncation: int | None = None) -> tuple[Tensor, None]:
+        """timesteps (N,), layers (N,) -> the embedding repeated (N, d); no bypass. ``truncation`` is ignored."""
+        return self.embedding.expand(timesteps.shape[0], -1), None
+
+
+for _cls in (NeTIMapper, TextualInversion):
+    register_adapter(_cls)
+CONCEPT_ADAPTERS = (NeTIMapper, TextualInversion)
 
 
 # ---------------------------------------------------------------------- the text encoder side
@@ -291,9 +327,10 @@ class NeTIPatch(Patch):
         if isinstance(mapper, str):
             from ..adapters import load_adapter
 
-            mapper, _ = load_adapter(mapper)
-        if mapper is not None and not isinstance(mapper, NeTIMapper):
-            raise TypeError(f"NeTIPatch needs a NeTIMapper, a saved mapper folder or None, got {type(mapper).__name__}")
+            mapper, _ = load_adapter(mapper, family="diffusion_mapper")
+        if mapper is not None and not isinstance(mapper, CONCEPT_ADAPTERS):
+            raise TypeError("NeTIPatch needs a NeTIMapper or TextualInversion adapter, a folder saved by one, or None; "
+                            f"got {type(mapper).__name__}")
         if truncation is not None and (not isinstance(truncation, int) or truncation < 0):
             raise ValueError(f"truncation must be a non-negative int or None, got {truncation!r}")
         self.mapper, self.text_encoder, self.tokenizer = mapper, text_encoder, tokenizer
@@ -310,6 +347,12 @@ class NeTIPatch(Patch):
         placeholder = self.mapper.config.placeholder if self.mapper is not None else "<S*>"
         return f"NeTIPatch({placeholder}, truncation={self.truncation})"
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        token = self.mapper.config.placeholder if self.mapper is not None else "<S*>"
+        if not any(token in p for p in prompts):
+            raise ValueError(f"{self.describe()}: no prompt names the concept; write its token {token!r} where the "
+                             f"concept goes, e.g. 'a photo of a {token}' (prompts: {prompts[:3]})")
+
     # ------------------------------------------------------------------ layers
     def processors(self, target: PatchTarget) -> dict[str, Any]:
         paths = target.select(kind="cross")
@@ -320,7 +363,8 @@ class NeTIPatch(Patch):
             self.mapper = NeTIMapper(NeTIConfig(token_dim=int(width), num_layers=len(paths), layers=tuple(paths)))
             self.mapper.to(next(target.model.parameters()).device)
         c = self.mapper.config
-        if c.num_layers != len(paths):
+        self.num_layers = len(paths)
+        if c.num_layers and c.num_layers != len(paths):
             raise ValueError(
                 f"this NeTI mapper was trained for a UNet with {c.num_layers} cross-attention layers, but "
                 f"{type(target.model).__name__} has {len(paths)} ({paths[0]} ...); use a mapper trained for this UNet")
@@ -370,7 +414,7 @@ class NeTIPatch(Patch):
                 return
             ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            if isinstance(ids, Tensor) and ids.dim() == 2:
+            if isinstance(ids, Tensor) and ids.dim() == 2 and len(self._pending) < 16:  # a run's first calls
                 self._pending.append((ids.detach(), mask.detach() if isinstance(mask, Tensor) else None))
 
         handles.append(self.encoder.embeddings.register_forward_pre_hook(lookup))
@@ -387,7 +431,7 @@ class NeTIPatch(Patch):
         if self.encoder is None:
             raise RuntimeError(f"{self.describe()} is not applied with a text encoder (patch a pipeline, or pass "
                                "text_encoder= and tokenizer=)")
-        n, P = self.mapper.config.num_layers, input_ids.shape[0]
+        n, P = self.num_layers, input_ids.shape[0]
         device = input_ids.device
         t = torch.as_tensor(timesteps, dtype=torch.float32, device=device).reshape(-1).expand(P)  # (P,)
         layers = torch.arange(n, device=device).repeat_interleave(P)  # (n*P,) layer-major
@@ -484,4 +528,15 @@ class NeTIPatch(Patch):
         return handles
 
 
-__all__ = ["ConceptEncoder", "NeTIAttnProcessor", "NeTIConfig", "NeTIMapper", "NeTIPatch", "NeTIRuntime", "final_norm"]
+__all__ = [
+    "CONCEPT_ADAPTERS",
+    "ConceptEncoder",
+    "NeTIAttnProcessor",
+    "NeTIConfig",
+    "NeTIMapper",
+    "NeTIPatch",
+    "NeTIRuntime",
+    "TextualInversion",
+    "TextualInversionConfig",
+    "final_norm",
+]

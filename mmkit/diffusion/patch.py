@@ -62,6 +62,9 @@ class Patch:
         """Short name used in error messages, e.g. ``AgentSD(max_downsample=1)``."""
         return type(self).__name__
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Refuse prompts this patch cannot act on (NeTI: none names its concept); called by the samplers."""
+
     def __repr__(self) -> str:
         return self.describe()
 

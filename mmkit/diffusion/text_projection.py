@@ -128,6 +128,12 @@ class TextProjectionPatch(Patch):
                                  "whose config has an integer cross_attention_dim")
             self.projector = build_adapter(self.projector, dim=dim)
             self.projector.to(next(target.model.parameters()).device)
+        width = getattr(getattr(target.model, "config", None), "cross_attention_dim", None)
+        dim = getattr(getattr(self.projector, "config", None), "dim", None)
+        if isinstance(width, int) and isinstance(dim, int) and width != dim:
+            raise ValueError(f"{self.describe()}: the projector maps {dim}-d text states, but "
+                             f"{type(target.model).__name__} takes {width}-d ones (cross_attention_dim); use a projector "
+                             "trained for this pipeline's text encoder")
         weight = next(iter(self.projector.parameters()))  # read its dtype per call (module.to() keeps the object)
         # whether the batch is [unconditional, conditional], decided outside a compiled graph: at every scheduler
         # step and set_timesteps (the context's listeners), and at patch time

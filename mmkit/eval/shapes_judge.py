@@ -89,8 +89,9 @@ class JudgeConfig(StrictConfig):
     @classmethod
     def for_world(cls, world: ShapesWorldConfig, **changes: Any) -> JudgeConfig:
         """The judge for scenes of ``world``: its colours, shapes, size words and background."""
-        return cls(colours=world.colours, shapes=world.shapes, sizes=world.sizes,
-                   background=tuple(world.background), **changes)
+        fields = {"colours": world.colours, "shapes": world.shapes, "sizes": world.sizes,
+                  "background": tuple(world.background)}
+        return cls(**{**fields, **changes})
 
 
 @dataclass(frozen=True)

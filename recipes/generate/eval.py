@@ -10,6 +10,10 @@
    image of the same seed (how far the patch moves the output; identical outputs count as inf and are
    reported separately).
 
+Attribute binding (CLP / WiCLP): ``--objects 2 --variants "--text-projection outputs/wiclp-shapes/final"
+"--text-projection outputs/wiclp-shapes/final --switch-off 600"``; "objects" is then the share of prompts'
+objects drawn with the right colour *and* shape; ``--objects 1`` measures the cost on single-object prompts.
+
 Variants run interleaved batch by batch, so slow phases of a shared machine hit them alike; the
 seconds per image are indicative only. Prints a markdown table and writes JSON.
 """
@@ -77,6 +81,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.sampler is not None:
         with_sampler(pipe, args.sampler)
     pipe.set_progress_bar_config(disable=True)
+    if args.objects is not None:  # only prompts with this many objects (two: attribute binding; one: quality)
+        world = ShapesWorldConfig.from_dict({**world.to_dict(), "min_objects": args.objects,
+                                             "max_objects": args.objects})
     prompts = held_out_prompts(args.prompts, world)
     variants = {"base": ""} | {flags.strip(): flags for flags in args.variants}
     images: dict[str, list[torch.Tensor]] = {name: [] for name in variants}
@@ -141,9 +148,10 @@ def _default_model() -> Path:
 
 def markdown(report: dict) -> str:
     j = report["judge_on_renders"]
+    relation = "-" if j["relation"] is None else f"{j['relation']:.1%}"
     lines = [
         f"Judge on {j['scenes']} real test renders: colour {j['colour']:.1%}, shape {j['shape']:.1%}, "
-        f"count {j['count']:.1%}, relation {j['relation']:.1%} ({j['two_object_scenes']} two-object scenes), "
+        f"count {j['count']:.1%}, relation {relation} ({j['two_object_scenes']} two-object scenes), "
         f"all {j['all']:.1%}",
         "",
         f"{report['prompts']} test prompts, {report['steps']} {report['sampler']} steps, guidance {report['guidance']}, seeds "
@@ -167,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="pipeline folder (default: assets/t2i/shapes)")
     parser.add_argument("--prompts", type=int, default=100, help="held-out prompts (test split), default 100")
+    parser.add_argument("--objects", type=int, choices=(1, 2), default=None,
+                        help="only prompts with this many objects (2: attribute binding of CLP / WiCLP; default: the "
+                             "model's own mix)")
     parser.add_argument("--judge-scenes", type=int, default=1000, help="renders to check the judge on (default 1000)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=3.0)
