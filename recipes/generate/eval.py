@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from mmkit.cli import run_guarded
-from mmkit.config import atomic_write_text
 from mmkit.data.images import image_grid
 from mmkit.data.shapes import ShapesWorldConfig
 from mmkit.diffusion import patch
@@ -39,6 +38,7 @@ from mmkit.diffusion.flags import add_patch_arguments, build_patches
 from mmkit.diffusion.loading import load_pipeline
 from mmkit.diffusion.pixel_pipeline import SAMPLERS, with_sampler
 from mmkit.diffusion.t2i_data import held_out_prompts, t2i_world
+from mmkit.eval.report import add_sampling_arguments, run_report
 from mmkit.eval.shapes_judge import JudgeConfig, judge_accuracy, prompt_following, prompt_following_accuracy
 
 METRICS = ("all", "objects", "colour", "shape", "count", "relation")
@@ -58,7 +58,6 @@ def variant_patches(flags: str, steps: int) -> list:
     """Patches for a variant given as command-line flags (``""`` = none, ``"--tome 0.3"``)."""
     parser = argparse.ArgumentParser(prog="variant", add_help=False)
     add_patch_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0)
     return build_patches(parser.parse_args(shlex.split(flags)), steps)
 
 
@@ -179,25 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="only prompts with this many objects (2: attribute binding of CLP / WiCLP; default: the "
                              "model's own mix)")
     parser.add_argument("--judge-scenes", type=int, default=1000, help="renders to check the judge on (default 1000)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every variant")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None, help="replace the saved scheduler")
     parser.add_argument("--batch", type=int, default=16, help="prompts per pipeline call")
     parser.add_argument("--variants", nargs="*", default=["--agent-sd", "--tome"],
                         help="patch flags of each variant (as for mmkit generate); the base model always runs")
-    parser.add_argument("--grids", type=Path, default=None, help="folder for one PNG grid per variant")
-    parser.add_argument("--json", type=Path, default=None, help="write the report here")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy machine)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = evaluate(args)
-    print(markdown(report))
-    if args.json is not None:
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return report
+    add_sampling_arguments(parser)
+    return run_report(parser.parse_args(argv), evaluate, markdown)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -26,12 +25,12 @@ import torch
 
 from mmkit.adapters import load_adapter
 from mmkit.cli import run_guarded
-from mmkit.config import atomic_write_text
 from mmkit.data.images import image_grid
 from mmkit.data.shapes import SPLIT_SEED_RANGES, ShapesWorldConfig, sample_scene
 from mmkit.diffusion import patch
 from mmkit.diffusion.loading import load_pipeline
 from mmkit.diffusion.neti import NeTIPatch
+from mmkit.eval.report import add_sampling_arguments, run_report
 from mmkit.eval.shapes_judge import JudgeConfig, judge_accuracy, prompt_following
 
 
@@ -147,21 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="colours asked for in the editability prompts")
     parser.add_argument("--images", type=int, default=16, help="images per prompt (default 16)")
     parser.add_argument("--judge-scenes", type=int, default=100, help="real renders per colour to check the judge on")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
-    parser.add_argument("--grids", type=Path, default=None, help="folder for one PNG grid per variant")
-    parser.add_argument("--json", type=Path, default=None, help="write the report here")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy machine)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = evaluate(args)
-    print(markdown(report))
-    if args.json is not None:
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return report
+    add_sampling_arguments(parser)
+    return run_report(parser.parse_args(argv), evaluate, markdown)
 
 
 if __name__ == "__main__":
