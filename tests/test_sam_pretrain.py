@@ -92,3 +92,20 @@ def test_bad_sam_sizes_are_refused():
         SamSizes(num_hidden_layers=2, global_attn_indexes=(5,))
     with pytest.raises(ValueError, match="not a multiple of the SAM patch size"):
         build_sam(SamSizes(), 100)
+
+
+def test_a_fresh_small_sam_encodes_positions_smoothly_like_sam():
+    """SAM's random Fourier positions come from N(0, 1): neighbouring pixels get similar codes, so a point prompt
+    can be matched to the image positions around it. (transformers' own init, scale hidden_size // 2, made a
+    from-scratch SAM ignore its prompts.)"""
+    import torch
+
+    from mmkit.training.sam import SamSizes, build_sam
+
+    sam = build_sam(SamSizes(num_hidden_layers=2, global_attn_indexes=(1,)), 64)
+    pe = sam.shared_image_embedding
+    assert pe.positional_embedding is sam.prompt_encoder.shared_embedding.positional_embedding
+    assert not pe.positional_embedding.requires_grad and 0.8 < float(pe.positional_embedding.std()) < 1.2
+    codes = pe(torch.tensor([[[[10.0, 10.0], [11.0, 10.0], [50.0, 40.0]]]]), (64, 64))[0, 0]  # (3, C)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(codes[0], codes[1], dim=0) > 0.9 and cos(codes[0], codes[2], dim=0) < 0.5
