@@ -294,3 +294,27 @@ def test_bad_inputs_name_both_sides(pipe):
     with pytest.raises(ValueError, match="rescale must be one of"):
         NeTIConfig(rescale="both")
     assert math.isfinite(sample(pipe, "a red circle").sum().item())  # nothing left behind by the failures
+
+
+def test_a_text_projection_of_the_same_call_also_projects_netis_contexts(pipe):
+    from mmkit.adapters import build_adapter
+
+    dim = pipe.text_encoder.config.hidden_size
+    clp = build_adapter("clp", dim=dim)
+    with torch.no_grad():
+        clp.proj.weight.mul_(2.0)  # x -> 2x
+    p = NeTIPatch(small_mapper(pipe))
+    first = [name[: -len(".processor")] for name in pipe.unet.attn_processors if "attn2" in name][0]
+    seen = []
+    h = pipe.unet.get_submodule(first).to_k.register_forward_pre_hook(lambda mod, a: seen.append(a[0].clone()))
+    try:
+        with patch(pipe, p, TextProjectionPatch(clp, switch_off=250)):
+            sample(pipe, steps=2)  # DDIM timesteps 501 (projected) and 1 (not)
+            ids = p._prompts[0]
+            early, late = (p.contexts(ids, None, float(t))[0][0, 0] for t in pipe.scheduler.timesteps)
+    finally:
+        h.remove()
+    assert [float(t) for t in pipe.scheduler.timesteps] == [501.0, 1.0]
+    torch.testing.assert_close(seen[0][1], 2 * early, atol=1e-5, rtol=1e-5)  # the concept row, projected
+    torch.testing.assert_close(seen[1][1], late, atol=1e-5, rtol=1e-5)  # after the switch-off: NeTI's own
+    assert torch.equal(seen[0][0], seen[1][0])  # the unconditional row: the pipeline's states, never projected

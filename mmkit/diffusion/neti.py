@@ -263,11 +263,13 @@ class ConceptEncoder:
 # ---------------------------------------------------------------------- UNet side
 class NeTIRuntime:
     """What the NeTI processors read during one UNet forward: per-layer key / value contexts
-    (num_layers, B, L, d) for the batch's rows, or None (then every layer attends to the plain context)."""
+    (num_layers, B, L, d) for the batch's rows and which rows take them (the others attend to the UNet's own
+    ``encoder_hidden_states``), or None (then every row does)."""
 
     def __init__(self) -> None:
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
+        self.use: Tensor | None = None  # (B,) bool: rows that take NeTI's contexts (None: every row)
         self.per_prompt: tuple[Tensor, Tensor, Tensor] | None = None  # (n, P, L, d) x2, has-concept (P,)
 
 
@@ -280,12 +282,15 @@ class NeTIAttnProcessor(MmkitAttnProcessor):
 
     def attend(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None,
                attention_mask: Tensor | None) -> Tensor:
-        keys, values = self.runtime.keys, self.runtime.values
+        keys, values, use = self.runtime.keys, self.runtime.values, self.runtime.use
         if encoder_hidden_states is None or keys is None:
             return super().attend(attn, hidden_states, encoder_hidden_states, attention_mask)
         dtype = hidden_states.dtype
-        return self.attend_to(attn, hidden_states, keys[self.index].to(dtype), values[self.index].to(dtype),
-                              attention_mask, cross=True)
+        k, v = keys[self.index].to(dtype), values[self.index].to(dtype)  # (B, L, d)
+        if use is not None:  # the other rows: the states the UNet was given (after any other patch's pre-hook)
+            k = torch.where(use[:, None, None], k, encoder_hidden_states)
+            v = torch.where(use[:, None, None], v, encoder_hidden_states)
+        return self.attend_to(attn, hidden_states, k, v, attention_mask, cross=True)
 
     def __repr__(self) -> str:
         return f"NeTIAttnProcessor(layer={self.index}, backend={self.backend!r})"
@@ -448,7 +453,7 @@ class NeTIPatch(Patch):
         """For training loops (``auto=False``): set the contexts of the next UNet call, one row per prompt with
         its own timestep; returns the plain context (P, L, d) for the UNet's ``encoder_hidden_states``."""
         keys, values = self.contexts(input_ids, attention_mask, timesteps)
-        self.runtime.keys, self.runtime.values = keys, values
+        self.runtime.keys, self.runtime.values, self.runtime.use = keys, values, None
         return keys[0]
 
     def _contexts_cached(self, ids: Tensor, mask: Tensor | None, t: float) -> tuple[Tensor, Tensor]:
@@ -502,26 +507,34 @@ class NeTIPatch(Patch):
             second_half=bool(getattr(source, "do_classifier_free_guidance", False))))
 
         def lay_out(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            """Spread the per-prompt contexts over the UNet batch's rows (tensor ops only)."""
+            """Spread the per-prompt contexts over the UNet batch's rows (tensor ops only); other patches' text
+            transforms (CLP / WiCLP of the same patch() call) are applied to them as to the UNet's own states."""
             per_prompt = self.runtime.per_prompt
             states = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
             if per_prompt is None or not isinstance(states, Tensor) or states.dim() != 3:
-                self.runtime.keys = self.runtime.values = None
+                self.runtime.keys = self.runtime.values = self.runtime.use = None
                 return None
             keys, values, has = per_prompt  # (n, P, L, d) x2, (P,)
-            R, P = states.shape[0], keys.shape[1]
+            n, R, P = keys.shape[0], states.shape[0], keys.shape[1]
             start = R // 2 if guided["second_half"] else 0
             if (R - start) % P or states.shape[1] != keys.shape[2]:
                 raise ValueError(f"{self.describe()}: the UNet batch has {R} rows of {states.shape[1]} tokens, which "
                                  f"does not fit {P} prompts of {keys.shape[2]} tokens (with or without guidance)")
             r = (R - start) // P
-            plain = states.to(keys.dtype).unsqueeze(0).expand(keys.shape[0], -1, -1, -1)  # (n, R, L, d)
-            use = has.repeat_interleave(r)[None, :, None, None]  # (1, R - start, 1, 1)
+            timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+            if timestep is not None:
+                timestep = torch.as_tensor(timestep, device=states.device).reshape(-1)
+                timestep = timestep[start:].repeat(n) if timestep.numel() == R else timestep  # per flattened row
+            head = states[:start].to(keys.dtype).unsqueeze(0).expand(n, -1, -1, -1)  # (n, start, L, d), never read
             laid = []
             for ctx in (keys, values):
-                mine = torch.where(use, ctx.repeat_interleave(r, dim=1), plain[:, start:])
-                laid.append(torch.cat([plain[:, :start], mine], dim=1))  # (n, R, L, d)
+                mine = ctx.repeat_interleave(r, dim=1)  # (n, R - start, L, d)
+                for transform in target.text_transforms:
+                    mine = transform(mine.flatten(0, 1), timestep).unflatten(0, (n, R - start))
+                laid.append(torch.cat([head, mine], dim=1))  # (n, R, L, d)
             self.runtime.keys, self.runtime.values = laid
+            self.runtime.use = torch.cat([torch.zeros(start, dtype=torch.bool, device=has.device),
+                                          has.repeat_interleave(r)])  # (R,)
             return None
 
         handles.append(target.model.register_forward_pre_hook(lay_out, with_kwargs=True))

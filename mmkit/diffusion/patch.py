@@ -27,7 +27,7 @@ import re
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -75,11 +75,15 @@ class PatchTarget:
 
     model: the UNet (or any module holding diffusers ``Attention`` layers); scheduler: the pipeline's
     scheduler or None; context: the :class:`DenoiseContext` fed by this handle's pre-hook.
+    text_transforms: ``fn(states (B, L, d), timestep) -> states`` that patches of the same ``patch()`` call
+    apply to the conditional text states (CLP / WiCLP register theirs), so a patch that builds text states of
+    its own (NeTI's per-layer contexts) can pass them through the same projection.
     """
 
     model: nn.Module
     context: DenoiseContext
     source: Any = None
+    text_transforms: list = field(default_factory=list)
 
     @property
     def scheduler(self) -> Any:

@@ -144,6 +144,22 @@ class TextProjectionPatch(Patch):
 
         target.context.subscribe(refresh)  # the context belongs to this patch's handle and goes with it
 
+        def gate(states: Tensor, timestep) -> Tensor:
+            """(B,) bool: the rows whose timestep is above the switch-off (all rows without one)."""
+            n = states.shape[0]
+            rows = torch.ones(n, dtype=torch.bool, device=states.device)
+            if self.switch_off is not None and timestep is not None:
+                t = torch.as_tensor(timestep, device=states.device)
+                rows = rows & (t.reshape(-1) > self.switch_off).expand(n) if t.numel() in (1, n) else rows
+            return rows
+
+        def transform(states: Tensor, timestep) -> Tensor:
+            """Conditional text states (B, L, d) -> projected while t > switch_off (other patches' own states)."""
+            projected = self.projector(states.to(weight.dtype)).to(states.dtype)
+            return torch.where(gate(states, timestep)[:, None, None], projected, states)
+
+        target.text_transforms.append(transform)
+
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if "encoder_hidden_states" in kwargs:
                 states = kwargs["encoder_hidden_states"]
@@ -157,10 +173,7 @@ class TextProjectionPatch(Patch):
             projected = self.projector(states.to(weight.dtype)).to(states.dtype)
             n = states.shape[0]
             # conditional rows: all, or the second half of a guided [unconditional, conditional] batch
-            rows = torch.arange(n, device=states.device) >= (n // 2 if state["second_half"] else 0)
-            if self.switch_off is not None and timestep is not None:
-                t = torch.as_tensor(timestep, device=states.device)
-                rows = rows & (t.reshape(-1) > self.switch_off).expand(n) if t.numel() in (1, n) else rows
+            rows = gate(states, timestep) & (torch.arange(n, device=states.device) >= (n // 2 if state["second_half"] else 0))
             out = torch.where(rows[:, None, None], projected, states)
             if "encoder_hidden_states" in kwargs:
                 return args, {**kwargs, "encoder_hidden_states": out}
