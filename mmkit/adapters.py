@@ -157,7 +157,8 @@ def _shapes(state: dict[str, Tensor], skip: tuple[str, ...] = ()) -> dict[str, t
 
 
 def load_adapter(directory: str | os.PathLike, *, family: str | None = None) -> tuple[Adapter, dict]:
-    """(adapter, metadata) from a folder written by :meth:`Adapter.save_adapter` (or a legacy one)."""
+    """(adapter, metadata) from a folder written by :meth:`Adapter.save_adapter` (or a legacy one); the adapter is
+    in eval mode (a training loop switches it back)."""
     payload = read_adapter_json(directory, family=family)
     cls = ADAPTERS.get(payload["kind"])
     config_path, weights = adapter_files(directory)
@@ -174,7 +175,7 @@ def load_adapter(directory: str | os.PathLike, *, family: str | None = None) -> 
                          f"expected tensors {expected}, file has {got}")
     _check_values(weights, state, skip)
     adapter.load_state_dict(state, strict=False)  # keys and shapes checked above; data buffers may be absent
-    return adapter, payload.get("metadata", {})
+    return adapter.eval(), payload.get("metadata", {})  # ready for inference, as from_pretrained models are
 
 
 def load_adapter_weights(adapter: Adapter, directory: str | os.PathLike) -> dict:

@@ -77,11 +77,12 @@ def load_text_encoder(source: str = DEFAULT_TEXT_ENCODER, base: str | os.PathLik
     return model, tokenizer
 
 
-def encode_text(model: Any, tokenizer: Any, prompts: Sequence[str], max_length: int):
+def encode_text(model: Any, tokenizer: Any, prompts: Sequence[str], max_length: int, *, pass_mask: bool = True):
     """Last hidden states of the prompts, padded (and truncated) to ``max_length`` tokens.
 
     Returns ``(hidden, mask)``: hidden (B, max_length, D) float32, mask (B, max_length) int64 with 1 on
     real tokens. Fixed-length padding keeps conditional and unconditional batches the same shape.
+    ``pass_mask=False`` runs the encoder without the mask (as Stable Diffusion pipelines run CLIP).
     """
     import torch
 
@@ -100,7 +101,8 @@ def encode_text(model: Any, tokenizer: Any, prompts: Sequence[str], max_length: 
     )
     device = next(model.parameters()).device
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        mask = {"attention_mask": batch["attention_mask"].to(device)} if pass_mask else {}  # SD runs CLIP without
+        out = model(input_ids=batch["input_ids"].to(device), **mask)
     return out.last_hidden_state.float(), batch["attention_mask"].to(device)
 
 
@@ -113,11 +115,12 @@ class PromptEncoder:
     """
 
     def __init__(
-        self, model: Any, tokenizer: Any, max_length: int, *, cache: bool = False, max_cached: int = 50_000
+        self, model: Any, tokenizer: Any, max_length: int, *, cache: bool = False, max_cached: int = 50_000,
+        pass_mask: bool = True,
     ) -> None:
         if max_length < 2:
             raise ValueError(f"PromptEncoder: max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}")
-        self.model, self.tokenizer, self.max_length = model, tokenizer, int(max_length)
+        self.model, self.tokenizer, self.max_length, self.pass_mask = model, tokenizer, int(max_length), pass_mask
         self.cache: dict[str, tuple[Any, Any]] | None = {} if cache else None
         self.max_cached = max_cached
         self.encoded = 0  # prompts that went through the encoder (cache misses), for logs
@@ -132,11 +135,11 @@ class PromptEncoder:
 
         if self.cache is None:
             self.encoded += len(prompts)
-            return encode_text(self.model, self.tokenizer, prompts, self.max_length)
+            return encode_text(self.model, self.tokenizer, prompts, self.max_length, pass_mask=self.pass_mask)
         missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
         fresh: dict[str, tuple[Any, Any]] = {}
         if missing:
-            hidden, mask = encode_text(self.model, self.tokenizer, missing, self.max_length)
+            hidden, mask = encode_text(self.model, self.tokenizer, missing, self.max_length, pass_mask=self.pass_mask)
             self.encoded += len(missing)
             fresh = {p: (hidden[i], mask[i]) for i, p in enumerate(missing)}
             room = self.max_cached - len(self.cache)

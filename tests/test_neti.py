@@ -12,7 +12,7 @@ from test_diffusion_patch import tiny_pipeline  # pytest prepends tests/ to sys.
 from mmkit.adapters import load_adapter
 from mmkit.diffusion import AgentSD, NeTIConfig, NeTIMapper, NeTIPatch, patch
 from mmkit.diffusion.agent_sd import AgentSDConfig, AgentSDStep
-from mmkit.diffusion.neti import final_norm
+from mmkit.diffusion.neti import cross_attention_layers, final_norm
 from mmkit.diffusion.text_projection import TextProjectionPatch
 
 PROMPT = "a red <S*>"
@@ -145,7 +145,9 @@ def test_every_cross_attention_layer_gets_its_own_contexts(pipe):
     m = small_mapper(pipe)
     p = NeTIPatch(m)
     seen = {}
-    layers = [name[: -len(".processor")] for name in pipe.unet.attn_processors if "attn2" in name]
+    layers = [name[: -len(".processor")] for name in cross_attention_layers(pipe.unet)]
+    blocks = [name.split(".")[0] for name in layers]
+    assert blocks == sorted(blocks, key=["down_blocks", "mid_block", "up_blocks"].index)  # as a forward runs them
     handles = []
     for i, name in enumerate(layers):
         attn = pipe.unet.get_submodule(name)
@@ -153,7 +155,7 @@ def test_every_cross_attention_layer_gets_its_own_contexts(pipe):
         handles.append(attn.to_v.register_forward_pre_hook(lambda mod, a, i=i: seen.setdefault(("v", i), a[0].clone())))
     with patch(pipe, p):
         sample(pipe, steps=1)
-        ids = p._prompts[0]
+        ids = p._run[1]
         t = float(pipe.scheduler.timesteps[0])
         keys, values = p.contexts(ids, None, t)
     for h in handles:
@@ -310,7 +312,7 @@ def test_a_text_projection_of_the_same_call_also_projects_netis_contexts(pipe):
     try:
         with patch(pipe, p, TextProjectionPatch(clp, switch_off=250)):
             sample(pipe, steps=2)  # DDIM timesteps 501 (projected) and 1 (not)
-            ids = p._prompts[0]
+            ids = p._run[1]
             early, late = (p.contexts(ids, None, float(t))[0][0, 0] for t in pipe.scheduler.timesteps)
     finally:
         h.remove()
@@ -318,3 +320,13 @@ def test_a_text_projection_of_the_same_call_also_projects_netis_contexts(pipe):
     torch.testing.assert_close(seen[0][1], 2 * early, atol=1e-5, rtol=1e-5)  # the concept row, projected
     torch.testing.assert_close(seen[1][1], late, atol=1e-5, rtol=1e-5)  # after the switch-off: NeTI's own
     assert torch.equal(seen[0][0], seen[1][0])  # the unconditional row: the pipeline's states, never projected
+
+
+def test_sampling_runs_the_mapper_without_nested_dropout_even_in_train_mode(pipe):
+    m = small_mapper(pipe, nested_dropout=1.0)
+    with patch(pipe, NeTIPatch(m)):
+        reference = sample(pipe, steps=2)
+    m.train()  # e.g. a mapper sampled from inside its training loop
+    with patch(pipe, NeTIPatch(m)):
+        again = sample(pipe, steps=2)
+    assert torch.equal(reference, again) and m.training  # no dropout draws; the mode is left as it was

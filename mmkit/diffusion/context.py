@@ -85,6 +85,7 @@ class DenoiseContext:
             out = wrapped["set_timesteps"](*args, **kwargs)
             self._position = None
             self.timestep = None
+            self.set_step(None)  # listeners hear that a run starts even when the previous one ended at its step 0
             self.set_step(int(getattr(scheduler, "begin_index", None) or 0))
             return out
 

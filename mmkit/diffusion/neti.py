@@ -94,6 +94,7 @@ class NeTIMapper(Adapter):
     kind = "neti"
     family = "diffusion_mapper"
     config_class = NeTIConfig
+    layer_dependent = True  # a different embedding per cross-attention layer
 
     def __init__(self, config: NeTIConfig) -> None:
         super().__init__(config)
@@ -176,6 +177,7 @@ class TextualInversion(Adapter):
     kind = "textual_inversion"
     family = "diffusion_mapper"
     config_class = TextualInversionConfig
+    layer_dependent = False  # one embedding: the text encoder runs once, not once per layer
 
     def __init__(self, config: TextualInversionConfig) -> None:
         super().__init__(config)
@@ -261,6 +263,15 @@ class ConceptEncoder:
 
 
 # ---------------------------------------------------------------------- UNet side
+def cross_attention_layers(unet: nn.Module) -> list[str]:
+    """Processor paths of the UNet's cross-attention layers in the order a forward runs them (down blocks, mid
+    block, up blocks: the official code's IN01 ... MID ... OUT11), which is NeTI's layer index."""
+    from .patch import select_layers
+
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    return sorted(select_layers(unet, kind="cross"), key=lambda path: rank.get(path.split(".")[0], 3))
+
+
 class NeTIRuntime:
     """What the NeTI processors read during one UNet forward: per-layer key / value contexts
     (num_layers, B, L, d) for the batch's rows and which rows take them (the others attend to the UNet's own
@@ -321,7 +332,7 @@ class NeTIPatch(Patch):
     Prompt rows: with classifier-free guidance the pipeline's batch is ``[negative, positive]`` (diffusers' order,
     and mmkit's pixel pipeline); the positive prompts are the first text-encoder call of a run, each repeated
     ``num_images_per_prompt`` times. Rows whose prompt has no concept token, and the negative half, keep the
-    pipeline's own context.
+    pipeline's own context. Patch the pipeline, not its UNet: whether a batch is guided is read from it.
     """
 
     hook_graphs = 1  # the pre-hook that lays the contexts out over the batch rows compiles as its own graph
@@ -344,7 +355,8 @@ class NeTIPatch(Patch):
         self.encoder: ConceptEncoder | None = None
         self._cache: OrderedDict = OrderedDict()
         self._pending: list[tuple[Tensor, Tensor | None]] = []
-        self._prompts: tuple[Tensor, Tensor | None] | None = None
+        self._run: tuple | None = None  # (cache key, ids, mask, has-concept) of the sampling run in progress
+        self._timesteps: Tensor | None = None
         self._last_step: int | None = None
         self._recording = True
 
@@ -360,7 +372,7 @@ class NeTIPatch(Patch):
 
     # ------------------------------------------------------------------ layers
     def processors(self, target: PatchTarget) -> dict[str, Any]:
-        paths = target.select(kind="cross")
+        paths = cross_attention_layers(target.model)
         if not paths:
             raise ValueError(f"{self.describe()}: {type(target.model).__name__} has no cross-attention layer")
         width = getattr(getattr(target.model, "config", None), "cross_attention_dim", None)
@@ -431,40 +443,50 @@ class NeTIPatch(Patch):
             raise RuntimeError(f"{self.describe()} is not applied with a text encoder")
         return self.encoder.placeholder_id
 
-    def contexts(self, input_ids: Tensor, attention_mask: Tensor | None, timesteps: Tensor | float) -> tuple[Tensor, Tensor]:
-        """Per-layer contexts: input_ids (P, L), timesteps scalar or (P,) -> keys, values (num_layers, P, L, d)."""
+    def contexts(self, input_ids: Tensor, attention_mask: Tensor | None, timesteps: Tensor | float,
+                 mapper: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """Per-layer contexts: input_ids (P, L), timesteps scalar or (P,) -> keys, values (num_layers, P, L, d).
+        ``mapper``: call this module instead of ``self.mapper`` (a training loop's DDP-wrapped copy of it)."""
         if self.encoder is None:
             raise RuntimeError(f"{self.describe()} is not applied with a text encoder (patch a pipeline, or pass "
                                "text_encoder= and tokenizer=)")
         n, P = self.num_layers, input_ids.shape[0]
+        runs = n if getattr(self.mapper, "layer_dependent", True) else 1  # TI: one pass serves every layer
         device = input_ids.device
         t = torch.as_tensor(timesteps, dtype=torch.float32, device=device).reshape(-1).expand(P)  # (P,)
-        layers = torch.arange(n, device=device).repeat_interleave(P)  # (n*P,) layer-major
-        token, bypass = self.mapper(t.repeat(n), layers, self.truncation)  # (n*P, d)
-        mask = attention_mask.repeat(n, 1) if attention_mask is not None else None
+        layers = torch.arange(runs, device=device).repeat_interleave(P)  # (runs*P,) layer-major
+        token, bypass = (mapper or self.mapper)(t.repeat(runs), layers, self.truncation)  # (runs*P, d)
+        mask = attention_mask.repeat(runs, 1) if attention_mask is not None else None
         self._recording = False
         try:
-            keys, values = self.encoder(input_ids.repeat(n, 1), mask, token, bypass)  # (n*P, L, d)
+            keys, values = self.encoder(input_ids.repeat(runs, 1), mask, token, bypass)  # (runs*P, L, d)
         finally:
             self._recording = True
-        return keys.unflatten(0, (n, P)), values.unflatten(0, (n, P))
+        keys, values = keys.unflatten(0, (runs, P)), values.unflatten(0, (runs, P))
+        return (keys, values) if runs == n else (keys.expand(n, -1, -1, -1), values.expand(n, -1, -1, -1))
 
-    def condition(self, input_ids: Tensor, attention_mask: Tensor | None, timesteps: Tensor) -> Tensor:
+    def condition(self, input_ids: Tensor, attention_mask: Tensor | None, timesteps: Tensor,
+                  mapper: nn.Module | None = None) -> Tensor:
         """For training loops (``auto=False``): set the contexts of the next UNet call, one row per prompt with
-        its own timestep; returns the plain context (P, L, d) for the UNet's ``encoder_hidden_states``."""
-        keys, values = self.contexts(input_ids, attention_mask, timesteps)
+        its own timestep; returns the plain context (P, L, d) for the UNet's ``encoder_hidden_states``.
+        ``mapper``: the module the loop trains (e.g. DDP-wrapped), called instead of ``self.mapper``."""
+        keys, values = self.contexts(input_ids, attention_mask, timesteps, mapper)
         self.runtime.keys, self.runtime.values, self.runtime.use = keys, values, None
         return keys[0]
 
-    def _contexts_cached(self, ids: Tensor, mask: Tensor | None, t: float) -> tuple[Tensor, Tensor]:
-        key = (ids.cpu().numpy().tobytes(), None if mask is None else mask.cpu().numpy().tobytes(), tuple(ids.shape),
-               round(t, 4), self.truncation)
+    def _contexts_cached(self, prompts_key: tuple, ids: Tensor, mask: Tensor | None, t: float) -> tuple[Tensor, Tensor]:
+        key = (prompts_key, round(t, 4), self.truncation)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        with torch.no_grad():
-            value = self.contexts(ids, mask, t)
+        training = self.mapper.training
+        self.mapper.eval()  # sampling: no nested dropout, whatever mode the mapper was left in
+        try:
+            with torch.no_grad():
+                value = self.contexts(ids, mask, t)
+        finally:
+            self.mapper.train(training)
         if self.cache_size > 0:
             self._cache[key] = value
             while len(self._cache) > self.cache_size:
@@ -473,30 +495,45 @@ class NeTIPatch(Patch):
 
     # ------------------------------------------------------------------ following the pipeline
     def _on_step(self, target: PatchTarget, step: int | None) -> None:
-        if step is None:
+        if step is None:  # a run starts (set_timesteps) or the context was reset
+            self._last_step = None
             return
         if self._last_step is None or step <= self._last_step:  # a new sampling run: its prompts were just encoded
-            self._prompts = self._pending[0] if self._pending else None
-            self._pending.clear()
+            self._start_run(target)
         self._last_step = step
         t = None
-        timesteps = getattr(target.scheduler, "timesteps", None)
-        if timesteps is not None and 0 <= step < len(timesteps):
-            t = float(timesteps[step])  # outside any compiled graph (a listener), once per step
+        if self._timesteps is not None and 0 <= step < len(self._timesteps):
+            t = float(self._timesteps[step])  # a CPU copy made when the run started: no device read per step
         elif target.context.timestep is not None:
             t = target.context.timestep
-        if self._prompts is None or t is None or self.encoder is None:
+        if self._run is None or t is None:
             self.runtime.per_prompt = None
             return
-        ids, mask = self._prompts
-        has = (ids == self.encoder.placeholder_id).any(dim=1)  # (P,)
-        if not bool(has.any()):  # no prompt names the concept: the pipeline's own context everywhere
-            self.runtime.per_prompt = None
-            return
-        keys, values = self._contexts_cached(ids, mask, t)
+        prompts_key, ids, mask, has = self._run
+        keys, values = self._contexts_cached(prompts_key, ids, mask, t)
         self.runtime.per_prompt = (keys, values, has)
 
+    def _start_run(self, target: PatchTarget) -> None:
+        """Adopt the run's prompts (its first text-encoder call) and do its host work once: the cache key, which
+        prompts name the concept, the schedule's timesteps on the CPU."""
+        prompts = self._pending[0] if self._pending else None
+        self._pending.clear()
+        timesteps = getattr(target.scheduler, "timesteps", None)
+        self._timesteps = None if timesteps is None else torch.as_tensor(timesteps).detach().cpu()
+        self._run = None
+        if prompts is None or self.encoder is None:
+            return
+        ids, mask = prompts
+        has = (ids == self.encoder.placeholder_id).any(dim=1)  # (P,)
+        if not bool(has.any()):  # no prompt names the concept: the pipeline's own context everywhere
+            return
+        key = (ids.cpu().numpy().tobytes(), None if mask is None else mask.cpu().numpy().tobytes(), tuple(ids.shape))
+        self._run = (key, ids, mask, has)
+
     def hooks(self, target: PatchTarget) -> list:
+        self._cache.clear()  # contexts of an earlier application (another pipeline, an older mapper) are stale
+        self._pending.clear()
+        self._run, self._last_step = None, None
         handles = self._setup_text(target)
         if not self.auto:
             return handles

@@ -235,7 +235,9 @@ class ProjectionTask(FrozenPipelineTask):
         dim = int(self.unet.config.cross_attention_dim)
         extra = {"window": cfg.projection.window} if cfg.projection.kind == "wiclp" else {}
         self.module = build_adapter(cfg.projection.kind, dim=dim, **extra).to(loop.device)
-        self.prompts = PromptEncoder(self.text_encoder, self.tokenizer, self.max_length, cache=True)
+        # the states the pipeline itself conditions on: SD pipelines run CLIP without an attention mask
+        self.prompts = PromptEncoder(self.text_encoder, self.tokenizer, self.max_length, cache=True,
+                                     pass_mask=self.uses_mask)
         first, last = SPLIT_SEED_RANGES[cfg.data.split]
         self.first, self.count = first, last - first
 
@@ -280,8 +282,9 @@ class ConceptTask(FrozenPipelineTask):
             NeTIPatch,
             TextualInversion,
             TextualInversionConfig,
+            cross_attention_layers,
         )
-        from ..diffusion.patch import patch, select_layers
+        from ..diffusion.patch import patch
 
         super().__init__(cfg, loop, cfg.model.pipeline)
         m = cfg.model
@@ -292,7 +295,7 @@ class ConceptTask(FrozenPipelineTask):
                              f"(it is {len(base)}); pick a one-word category")
         word = self.text_encoder.get_input_embeddings().weight[base[0]].detach().float()
         if m.kind == "neti":
-            paths = select_layers(self.unet, kind="cross")
+            paths = cross_attention_layers(self.unet)
             self.module = NeTIMapper(NeTIConfig(
                 token_dim=dim, num_layers=len(paths), layers=tuple(paths), placeholder=m.placeholder,
                 super_category=m.super_category, norm_scale=float(word.norm()), rescale=m.rescale,
@@ -325,7 +328,8 @@ class ConceptTask(FrozenPipelineTask):
     def step(self, batch) -> dict[str, torch.Tensor]:
         ids, mask = self.tokenize(batch["prompts"])
         noisy, t, target = self.noised(batch["pixel_values"], batch["index"])
-        context = self.neti.condition(ids, mask, t)  # (B, L, d); per-layer contexts set for the UNet call
+        # (B, L, d); per-layer contexts set for the UNet call, computed through the loop's (maybe DDP) module
+        context = self.neti.condition(ids, mask, t, mapper=self.module)
         return {"loss": self.loss(noisy, t, target, context, mask)}
 
 

@@ -65,7 +65,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     adapters = [(str(path), *load_adapter(path, family="diffusion_mapper")) for path in args.adapters]
-    world = concept_of(adapters[0][2]) if adapters else concept_of({})
+    worlds = [concept_of(meta) for _, _, meta in adapters] or [concept_of({})]
+    if any(w != worlds[0] for w in worlds):
+        raise ValueError("--adapters were trained on different concepts (their training worlds differ); evaluate "
+                         f"each concept on its own: {[path for path, _, _ in adapters]}")
+    world = worlds[0]
     (shape,), (trained_colour,) = world.shapes[:1], world.colours[:1]
     base_shapes = tuple(JudgeConfig().shapes)
     judge_cfg = JudgeConfig.for_world(world, shapes=tuple(dict.fromkeys(base_shapes + (shape,))),
