@@ -245,6 +245,7 @@ def test_vqa_accuracy_normalises_both_sides_and_handles_fewer_answers():
     assert vqa_accuracy("2", ["Two", "the two"]) == pytest.approx(2 / 3)
     assert vqa_accuracy("yes", ["yes", "yes", "yes"]) == 1.0
     assert vqa_accuracy("no", ["yes"]) == 0.0
+    assert vqa_accuracy("Yes.", ["yes"]) == 1.0  # one exact answer (procedural sources): exact match, not 1/3
     with pytest.raises(ValueError, match="non-empty list"):
         vqa_accuracy("yes", [])
     with pytest.raises(ValueError, match="non-empty list"):

@@ -97,7 +97,10 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     - 10 or more answers: the mean, over the subsets that leave one human out, of
       ``min(matches in the subset / 3, 1)``; with 10 answers, m = 3 gives 0.9, m = 2 gives 0.6,
       m = 1 gives 0.3, m >= 4 gives 1.0.
-    - fewer answers: ``min(m / 3, 1)``.
+    - 2 to 9 answers: ``min(m / 3, 1)``.
+    - one answer (ShapesWorld, clips and other sources with one exact answer): exact match, 1.0 or 0.0. (The
+      VQAv2 formula would cap a right answer at 1/3 there; mmkit did so before 2026-11-30, so VQA numbers of
+      single-answer sources written earlier are a third of the exact-match accuracy.)
     """
     if isinstance(answers, str) or len(answers) == 0:
         raise ValueError(
@@ -107,6 +110,8 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     target = normalize_answer(prediction)
     num = len(answers)
     matches = sum(normalize_answer(a) == target for a in answers)
+    if num == 1:
+        return float(matches)
     if num < 10:
         return min(matches / 3.0, 1.0)
     # Leaving out one of the m matching answers leaves m - 1 matches; leaving out any other, m.
