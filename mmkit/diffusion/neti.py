@@ -504,9 +504,9 @@ class NeTIPatch(Patch):
         t = None
         if self._timesteps is not None and 0 <= step < len(self._timesteps):
             t = float(self._timesteps[step])  # a CPU copy made when the run started: no device read per step
-        elif target.context.timestep is not None:
+        elif self._timesteps is None and target.context.timestep is not None:  # no scheduler: the observed one
             t = target.context.timestep
-        if self._run is None or t is None:
+        if self._run is None or t is None:  # (also past the schedule's end: nothing left to compute)
             self.runtime.per_prompt = None
             return
         prompts_key, ids, mask, has = self._run
