@@ -181,8 +181,7 @@ class DenoiseContext:
         """
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-            timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+            sample, timestep, _ = unet_call_inputs(args, kwargs)
             if not _looks_like_timestep(timestep):
                 timestep = None
             size = tuple(sample.shape[-2:]) if isinstance(sample, Tensor) and sample.dim() == 4 else None
@@ -208,6 +207,22 @@ class DenoiseContext:
         )
 
 
+def unet_call_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    """(sample, timestep, encoder_hidden_states) of a ``UNet2DConditionModel.forward`` call as a forward pre-hook
+    sees it: positional (sample, timestep, encoder_hidden_states, ...) or by keyword; None where absent."""
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+    states = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (args[2] if len(args) > 2 else None)
+    return sample, timestep, states
+
+
+def with_encoder_hidden_states(args: tuple, kwargs: dict, states: Tensor) -> tuple[tuple, dict]:
+    """The pre-hook's return value that hands the UNet ``states`` as its ``encoder_hidden_states``."""
+    if "encoder_hidden_states" in kwargs or len(args) <= 2:
+        return args, {**kwargs, "encoder_hidden_states": states}
+    return (*args[:2], states, *args[3:]), kwargs
+
+
 def _looks_like_timestep(t: Any) -> bool:
     if isinstance(t, (int, float)) and not isinstance(t, bool):
         return True
@@ -220,4 +235,4 @@ def _as_float(t: float | Tensor) -> float:
     return float(t)
 
 
-__all__ = ["DenoiseContext"]
+__all__ = ["DenoiseContext", "unet_call_inputs", "with_encoder_hidden_states"]

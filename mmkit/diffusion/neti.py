@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..adapters import Adapter, AdapterConfig, register_adapter
+from .context import unet_call_inputs
 from .patch import Patch, PatchTarget
 from .processors import MmkitAttnProcessor
 
@@ -537,28 +538,23 @@ class NeTIPatch(Patch):
         handles = self._setup_text(target)
         if not self.auto:
             return handles
-        source = target.source
         target.context.subscribe(lambda step: self._on_step(target, step))
-        guided = {"second_half": False}
-        target.context.subscribe(lambda step: guided.update(
-            second_half=bool(getattr(source, "do_classifier_free_guidance", False))))
 
         def lay_out(module: nn.Module, args: tuple, kwargs: dict) -> None:
             """Spread the per-prompt contexts over the UNet batch's rows (tensor ops only); other patches' text
             transforms (CLP / WiCLP of the same patch() call) are applied to them as to the UNet's own states."""
             per_prompt = self.runtime.per_prompt
-            states = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+            _, timestep, states = unet_call_inputs(args, kwargs)
             if per_prompt is None or not isinstance(states, Tensor) or states.dim() != 3:
                 self.runtime.keys = self.runtime.values = self.runtime.use = None
                 return None
             keys, values, has = per_prompt  # (n, P, L, d) x2, (P,)
             n, R, P = keys.shape[0], states.shape[0], keys.shape[1]
-            start = R // 2 if guided["second_half"] else 0
+            start = R // 2 if target.guided else 0
             if (R - start) % P or states.shape[1] != keys.shape[2]:
                 raise ValueError(f"{self.describe()}: the UNet batch has {R} rows of {states.shape[1]} tokens, which "
                                  f"does not fit {P} prompts of {keys.shape[2]} tokens (with or without guidance)")
             r = (R - start) // P
-            timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
             if timestep is not None:
                 timestep = torch.as_tensor(timestep, device=states.device).reshape(-1)
                 timestep = timestep[start:].repeat(n) if timestep.numel() == R else timestep  # per flattened row

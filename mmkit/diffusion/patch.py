@@ -78,12 +78,18 @@ class PatchTarget:
     text_transforms: ``fn(states (B, L, d), timestep) -> states`` that patches of the same ``patch()`` call
     apply to the conditional text states (CLP / WiCLP register theirs), so a patch that builds text states of
     its own (NeTI's per-layer contexts) can pass them through the same projection.
+    guided: whether the UNet batch is ``[unconditional, conditional]`` (the source pipeline's
+    ``do_classifier_free_guidance``), refreshed outside any compiled graph at patch time and at every step.
     """
 
     model: nn.Module
     context: DenoiseContext
     source: Any = None
     text_transforms: list = field(default_factory=list)
+    guided: bool = False
+
+    def refresh_guided(self, step: Any = None) -> None:
+        self.guided = bool(getattr(self.source, "do_classifier_free_guidance", False))
 
     @property
     def scheduler(self) -> Any:
@@ -281,6 +287,7 @@ class PatchHandle:
             seen[id(p)] = p
 
         target = PatchTarget(self.model, self.context, self.source)
+        target.refresh_guided()
         layers = target.layers()
         planned: dict[str, tuple[Patch, Any]] = {}
         for p in patches:
@@ -306,6 +313,7 @@ class PatchHandle:
             scheduler = getattr(self.source, "scheduler", None) if self.source is not None else None
             if scheduler is not None:
                 self._restore_scheduler = self.context.drive(scheduler)
+            self.context.subscribe(target.refresh_guided)  # set_timesteps comes after the pipeline's guidance choice
             for path, (p, proc) in planned.items():
                 module = layers[path]
                 self.layers[path] = p

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..adapters import Adapter, AdapterConfig, register_adapter
+from .context import unet_call_inputs, with_encoder_hidden_states
 from .patch import Patch, PatchTarget
 
 
@@ -112,46 +113,33 @@ class TextProjectionPatch(Patch):
                                                                                type(self.projector).__name__)
         return f"TextProjectionPatch({kind}, switch_off={self.switch_off})"
 
-    def _second_half(self, source: Any) -> bool:
-        if self.conditional != "auto":
-            return self.conditional == "second_half"
-        return bool(getattr(source, "do_classifier_free_guidance", False))
+    def _second_half(self, target: PatchTarget) -> bool:
+        return target.guided if self.conditional == "auto" else self.conditional == "second_half"
 
     def hooks(self, target: PatchTarget) -> list[RemovableHandle]:
-        source = target.source
+        width = getattr(getattr(target.model, "config", None), "cross_attention_dim", None)
         if isinstance(self.projector, str):
             from ..adapters import build_adapter
 
-            dim = getattr(getattr(target.model, "config", None), "cross_attention_dim", None)
-            if not isinstance(dim, int):
+            if not isinstance(width, int):
                 raise ValueError(f"{self.describe()} needs the text width: pass a projector module, or patch a UNet "
                                  "whose config has an integer cross_attention_dim")
-            self.projector = build_adapter(self.projector, dim=dim)
+            self.projector = build_adapter(self.projector, dim=width)
             self.projector.to(next(target.model.parameters()).device)
-        width = getattr(getattr(target.model, "config", None), "cross_attention_dim", None)
         dim = getattr(getattr(self.projector, "config", None), "dim", None)
         if isinstance(width, int) and isinstance(dim, int) and width != dim:
             raise ValueError(f"{self.describe()}: the projector maps {dim}-d text states, but "
                              f"{type(target.model).__name__} takes {width}-d ones (cross_attention_dim); use a projector "
                              "trained for this pipeline's text encoder")
         weight = next(iter(self.projector.parameters()))  # read its dtype per call (module.to() keeps the object)
-        # whether the batch is [unconditional, conditional], decided outside a compiled graph: at every scheduler
-        # step and set_timesteps (the context's listeners), and at patch time
-        state = {"second_half": self._second_half(source)}
-
-        def refresh(step) -> None:
-            state["second_half"] = self._second_half(source)
-
-        target.context.subscribe(refresh)  # the context belongs to this patch's handle and goes with it
 
         def gate(states: Tensor, timestep) -> Tensor:
             """(B,) bool: the rows whose timestep is above the switch-off (all rows without one)."""
             n = states.shape[0]
-            rows = torch.ones(n, dtype=torch.bool, device=states.device)
-            if self.switch_off is not None and timestep is not None:
-                t = torch.as_tensor(timestep, device=states.device)
-                rows = rows & (t.reshape(-1) > self.switch_off).expand(n) if t.numel() in (1, n) else rows
-            return rows
+            t = None if timestep is None else torch.as_tensor(timestep, device=states.device).reshape(-1)
+            if self.switch_off is None or t is None or t.numel() not in (1, n):
+                return torch.ones(n, dtype=torch.bool, device=states.device)
+            return (t > self.switch_off).expand(n)
 
         def transform(states: Tensor, timestep) -> Tensor:
             """Conditional text states (B, L, d) -> projected while t > switch_off (other patches' own states)."""
@@ -161,25 +149,22 @@ class TextProjectionPatch(Patch):
         target.text_transforms.append(transform)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            if "encoder_hidden_states" in kwargs:
-                states = kwargs["encoder_hidden_states"]
-            elif len(args) > 2:
-                states = args[2]
-            else:
-                return None
+            _, timestep, states = unet_call_inputs(args, kwargs)
             if not isinstance(states, Tensor) or states.dim() != 3:
                 return None
-            timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
-            projected = self.projector(states.to(weight.dtype)).to(states.dtype)
             n = states.shape[0]
-            # conditional rows: all, or the second half of a guided [unconditional, conditional] batch
-            rows = gate(states, timestep) & (torch.arange(n, device=states.device) >= (n // 2 if state["second_half"] else 0))
-            out = torch.where(rows[:, None, None], projected, states)
-            if "encoder_hidden_states" in kwargs:
-                return args, {**kwargs, "encoder_hidden_states": out}
-            return (*args[:2], out, *args[3:]), kwargs
+            start = n // 2 if self._second_half(target) else 0  # the conditional rows of a guided batch
+            projected = transform(states[start:], _rows(timestep, start, n))
+            return with_encoder_hidden_states(args, kwargs, torch.cat([states[:start], projected]))
 
         return [target.model.register_forward_pre_hook(hook, with_kwargs=True)]
+
+
+def _rows(timestep: Any, start: int, n: int) -> Any:
+    """The timesteps of rows ``start..n`` (a per-row timestep tensor is sliced; a scalar serves every row)."""
+    if isinstance(timestep, Tensor) and timestep.dim() == 1 and timestep.numel() == n:
+        return timestep[start:]
+    return timestep
 
 
 for _cls in (CLP, WiCLP):
