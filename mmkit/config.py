@@ -42,8 +42,9 @@ class StrictConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-        """Build from a plain dict (e.g. parsed JSON/YAML). Nested StrictConfig fields accept dicts."""
+    def from_dict(cls: type[T], data: dict[str, Any], _defaults: dict[str, Any] | None = None) -> T:
+        """Build from a plain dict (e.g. parsed JSON/YAML). Nested StrictConfig fields accept dicts; a partial
+        section overrides that field's own default (e.g. a recipe's world), key by key down the nesting."""
         if not isinstance(data, dict):
             raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
         names = cls.field_names()
@@ -51,17 +52,18 @@ class StrictConfig:
             if key not in names:
                 raise _unknown_key_error(cls.__name__, key, names)
         hints = typing.get_type_hints(cls)
-        defaults = {f.name: f.default_factory for f in dataclasses.fields(cls)
-                    if f.default_factory is not dataclasses.MISSING}
+        factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                     if f.default_factory is not dataclasses.MISSING}
         kwargs = {}
         for key, value in data.items():
             sub = _strict_config_type(hints.get(key))
             if sub is not None and isinstance(value, dict):
-                # a partial section overrides this field's own default (e.g. the T2I world), not the class's
-                base = defaults[key]() if key in defaults else None
-                if isinstance(base, StrictConfig):
-                    value = _merged(base.to_dict(), value)
-                value = sub.from_dict(value)
+                # the default this section overrides: the enclosing default's, else this field's own factory's
+                base = (_defaults or {}).get(key)
+                if not isinstance(base, dict) and key in factories:
+                    made = factories[key]()
+                    base = made.to_dict() if isinstance(made, StrictConfig) else None
+                value = sub.from_dict({**base, **value} if isinstance(base, dict) else value, base)
             elif isinstance(value, list) and _wants_tuple(hints.get(key)):
                 value = tuple(value)
             else:
@@ -91,12 +93,6 @@ class StrictConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"{cls.__name__}: {path} is not valid JSON ({err})") from None
         return cls.from_dict(data)
-
-
-def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with the keys of ``changes`` replaced (a dict-valued field is replaced whole; nested sections are
-    merged by their own ``from_dict``)."""
-    return {**base, **changes}
 
 
 def _strict_config_type(hint: Any) -> type[StrictConfig] | None:

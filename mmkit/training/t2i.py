@@ -195,6 +195,22 @@ def build_sampler(noise: NoiseConfig, sampler: str | None = None):
                          beta_schedule=noise.beta_schedule, prediction_type=noise.prediction_type)
 
 
+def noised_batch(noise_scheduler, x0: torch.Tensor, seed: int, index: int, loop: TrainingLoop):
+    """This process's slice of global batch ``index``: x0 (B, C, H, W) -> (noisy, timesteps (B,), target).
+
+    Noise and timesteps come from a generator seeded by (seed, index) and are drawn for the whole global batch,
+    so resuming repeats nothing and several processes split one batch. The target follows the scheduler's
+    ``prediction_type`` (epsilon: the noise; v_prediction: the velocity)."""
+    bs, n, i = x0.shape[0], loop.num_processes, loop.process_index
+    config = noise_scheduler.config
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    noise = torch.randn((bs * n, *x0.shape[1:]), generator=g)[i * bs:(i + 1) * bs].to(x0.device)
+    timesteps = torch.randint(0, config.num_train_timesteps, (bs * n,), generator=g)[i * bs:(i + 1) * bs].to(x0.device)
+    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+    target = noise if config.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
+    return noisy, timesteps, target
+
+
 def loss_weights(noise_scheduler, timesteps: torch.Tensor, noise: NoiseConfig) -> torch.Tensor | None:
     """Per-sample weights of the MSE for Min-SNR-gamma (Hang et al. 2023), or None for plain MSE."""
     if noise.snr_gamma is None:
@@ -255,12 +271,7 @@ class T2ITask(TrainingTask):
         self._timing["text_s"] += time.perf_counter() - t0
         self._timing["n"] += 1
         x0 = batch["pixel_values"].to(device)  # (B, 3, H, W) in [-1, 1]
-        bs, n, i = x0.shape[0], self.loop.num_processes, self.loop.process_index
-        g = torch.Generator().manual_seed(tc.seed * 1_000_003 + batch["index"])  # the global batch's noise
-        noise = torch.randn((bs * n, *x0.shape[1:]), generator=g)[i * bs:(i + 1) * bs].to(device)
-        timesteps = torch.randint(0, nc.num_train_timesteps, (bs * n,), generator=g)[i * bs:(i + 1) * bs].to(device)
-        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
-        target = noise if nc.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, timesteps)
+        noisy, timesteps, target = noised_batch(self.noise_scheduler, x0, tc.seed, batch["index"], self.loop)
         pred = self.module(noisy, timesteps, encoder_hidden_states=context.to(device),
                            encoder_attention_mask=mask.to(device)).sample
         per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)

@@ -23,8 +23,7 @@ import torch
 
 from ..config import StrictConfig
 from ..data.shapes import SPLIT_SEED_RANGES, ShapesWorldConfig, render_scene, sample_scene, t2i_world
-from ..data.shapes_language import caption
-from ..diffusion.t2i_data import image_to_tensor
+from ..diffusion.t2i_data import ShapesT2IData, T2IDataConfig, image_to_tensor
 from .loop import TrainingLoop, TrainingTask, TrainLoopConfig
 
 PROJECTIONS = ("clp", "wiclp")
@@ -59,16 +58,9 @@ def two_object_world() -> ShapesWorldConfig:
     return world
 
 
-@dataclass
-class CompositionDataConfig(StrictConfig):
-    world: ShapesWorldConfig = field(default_factory=two_object_world)
-    split: str = "train"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.world, dict):
-            self.world = ShapesWorldConfig.from_dict(self.world)
-        if self.split not in SPLIT_SEED_RANGES:
-            raise ValueError(f"data.split: got {self.split!r}; accepted: {list(SPLIT_SEED_RANGES)}")
+def composition_data() -> T2IDataConfig:
+    """Two-object train scenes with their canonical captions, never dropped (the projection only sees prompts)."""
+    return T2IDataConfig(world=two_object_world(), caption_dropout=0.0)
 
 
 @dataclass
@@ -89,7 +81,7 @@ class ProjectionTrainLoop(TrainLoopConfig):
 class ProjectionTrainConfig(StrictConfig):
     model: FrozenPipelineConfig = field(default_factory=FrozenPipelineConfig)
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
-    data: CompositionDataConfig = field(default_factory=CompositionDataConfig)
+    data: T2IDataConfig = field(default_factory=composition_data)
     train: ProjectionTrainLoop = field(default_factory=ProjectionTrainLoop)
 
 
@@ -190,20 +182,13 @@ class FrozenPipelineTask(TrainingTask):
 
     def noised(self, images: torch.Tensor, index: int):
         """images (B, 3, H, W) in [-1, 1] -> (noisy input, timesteps (B,), target) for global batch ``index``."""
-        device, bs = self.loop.device, images.shape[0]
-        n, i = self.loop.num_processes, self.loop.process_index
-        x0 = images.to(device)
+        from .t2i import noised_batch
+
+        x0 = images.to(self.loop.device)
         if self.vae is not None:
             with torch.no_grad():
                 x0 = self.vae.encode(x0).latent_dist.sample() * self.vae.config.scaling_factor
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + index)
-        noise = torch.randn((bs * n, *x0.shape[1:]), generator=g)[i * bs:(i + 1) * bs].to(device)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (bs * n,), generator=g)[i * bs:(i + 1) * bs].to(device)
-        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
-        kind = self.noise_scheduler.config.prediction_type
-        target = noise if kind == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, timesteps)
-        return noisy, timesteps, target
+        return noised_batch(self.noise_scheduler, x0, self.cfg.train.seed, index, self.loop)
 
     def loss(self, noisy, timesteps, target, context, mask) -> torch.Tensor:
         kwargs = {"encoder_attention_mask": mask} if mask is not None else {}
@@ -239,17 +224,12 @@ class ProjectionTask(FrozenPipelineTask):
         # the states the pipeline itself conditions on: SD pipelines run CLIP without an attention mask
         self.prompts = PromptEncoder(self.text_encoder, self.tokenizer, self.max_length, cache=True,
                                      pass_mask=self.uses_mask)
-        first, last = SPLIT_SEED_RANGES[cfg.data.split]
-        self.first, self.count = first, last - first
+        self.data = ShapesT2IData(cfg.data)
 
     def batches(self, start: int):
         bs, n, i = self.cfg.train.batch_size, self.loop.num_processes, self.loop.process_index
-        world = self.cfg.data.world
-        while True:
-            seeds = [self.first + (start * bs * n + i * bs + k) % self.count for k in range(bs)]
-            scenes = [sample_scene(s, world) for s in seeds]
-            images = torch.stack([image_to_tensor(render_scene(s, world.image_size)) for s in scenes])
-            yield {"pixel_values": images, "prompts": [caption(s) for s in scenes], "index": start}
+        while True:  # batch number `start` of this process = its slice of global batch `start`
+            yield {**self.data.batch(start * bs * n + i * bs, bs), "index": start}
             start += 1
 
     def step(self, batch) -> dict[str, torch.Tensor]:
