@@ -9,3 +9,20 @@ DEFAULT_CONNECTOR = ASSETS / "connectors" / "shapes-vlap"  # VLAP connector, Eff
 DEFAULT_VIDEO_MODEL = ASSETS / "connectors" / "shapes-video-qa"  # causal Q-Former on ShapesWorld clips
 DEFAULT_SEG_MODEL = ASSETS / "segment" / "shapes-read"  # READ on ShapesWorld referring expressions
 DEFAULT_T2I_MODEL = ASSETS / "t2i" / "shapes"  # ShapesWorld pixel-space text-to-image pipeline
+
+ASSET_PREFIX = "asset:"
+DEFAULT_SAM = ASSET_PREFIX + "segment/sam-shapes"  # the small ShapesWorld SAM (recipes/segment/pretrain_sam.py)
+
+
+def resolve_asset(name: str) -> str:
+    """``"asset:<folder>"`` -> that folder under ``assets/`` (a portable name for configs and bundles, which must
+    not hold one machine's absolute path); any other name is returned as is."""
+    if not name.startswith(ASSET_PREFIX):
+        return name
+    relative = Path(name[len(ASSET_PREFIX):])
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(f"{name!r}: an asset name is 'asset:<folder under assets/>', e.g. {DEFAULT_SAM!r}")
+    path = ASSETS / relative
+    if not path.exists():
+        raise ValueError(f"{name!r}: no {path}; shipped assets are the folders under {ASSETS}")
+    return str(path)

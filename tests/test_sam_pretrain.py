@@ -109,3 +109,28 @@ def test_a_fresh_small_sam_encodes_positions_smoothly_like_sam():
     codes = pe(torch.tensor([[[[10.0, 10.0], [11.0, 10.0], [50.0, 40.0]]]]), (64, 64))[0, 0]  # (3, C)
     cos = torch.nn.functional.cosine_similarity
     assert cos(codes[0], codes[1], dim=0) > 0.9 and cos(codes[0], codes[2], dim=0) < 0.5
+
+
+def test_the_shipped_sam_loads_in_fp32_by_its_portable_name_and_follows_a_point():
+    from mmkit.assets import ASSETS, DEFAULT_SAM, resolve_asset
+    from mmkit.heads.sam_prompt import load_sam, resolve_sam
+
+    assert resolve_sam(DEFAULT_SAM) == DEFAULT_SAM  # bundles keep the portable name, not this clone's path
+    assert resolve_asset(DEFAULT_SAM) == str(ASSETS / "segment" / "sam-shapes")
+    sam = load_sam(DEFAULT_SAM)  # fp16 on disk
+    assert {p.dtype for p in sam.parameters()} == {torch.float32}
+    size = int(sam.config.prompt_encoder_config.image_size)
+    data = PromptableShapes(PromptableConfig(image_size=size), split="test", size=12)
+    point, box = one_point_miou(sam, data), one_point_miou(sam, data, box=True)
+    assert point["miou"] > 0.8 and box["miou"] > 0.8, (point, box)  # 92.5% / 92.8% on 300 scenes
+
+
+def test_asset_names_stay_inside_assets_and_say_what_exists():
+    from mmkit.assets import resolve_asset
+
+    assert resolve_asset("outputs/sam") == "outputs/sam"  # not an asset name: untouched
+    for bad in ("asset:../README.md", "asset:", "asset:/etc"):
+        with pytest.raises(ValueError, match="an asset name is 'asset:<folder under assets/>'"):
+            resolve_asset(bad)
+    with pytest.raises(ValueError, match="no .*segment/nope; shipped assets are the folders under"):
+        resolve_asset("asset:segment/nope")

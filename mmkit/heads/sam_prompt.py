@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..assets import ASSET_PREFIX, resolve_asset
+
 
 @torch.no_grad()
 def sam_image_embeddings(sam, pixel_values: Tensor) -> Tensor:
@@ -80,16 +82,21 @@ def upscale_masks(logits: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def resolve_sam(name: str) -> str:
-    """A local SAM folder as an absolute path (bundles must not depend on the working directory); a hub id as is."""
+    """A local SAM folder as an absolute path (bundles must not depend on the working directory); a shipped
+    ``"asset:..."`` name or a hub id as is."""
+    if name.startswith(ASSET_PREFIX):
+        return name
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else str(name)
 
 
-def load_sam(name: str):
+def load_sam(name: str, dtype: torch.dtype = torch.float32):
+    """A ``SamModel`` by folder or hub id, in ``dtype`` whatever its files hold (fp16 checkpoints, like the shipped
+    ShapesWorld SAM, are up-cast: mmkit keeps frozen models in fp32 and leaves lower precision to autocast)."""
     from transformers import SamModel
 
     try:
-        return SamModel.from_pretrained(resolve_sam(name)).eval()
+        return SamModel.from_pretrained(resolve_asset(resolve_sam(name)), dtype=dtype).eval()
     except (OSError, ValueError) as err:
         raise ValueError(f"SAM {name!r}: no SAM checkpoint there ({str(err).splitlines()[0]}); train one "
                          "with recipes/segment/pretrain_sam.py or name a SamModel folder / hub id") from None

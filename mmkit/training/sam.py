@@ -100,7 +100,7 @@ def build_sam(sizes: SamSizes, image_size: int):
     )
 
     if sizes.init:
-        return SamModel.from_pretrained(sizes.init)
+        return SamModel.from_pretrained(sizes.init, dtype=torch.float32)
     if image_size % sizes.patch_size:
         raise ValueError(f"image size {image_size} is not a multiple of the SAM patch size {sizes.patch_size}")
     vision = SamVisionConfig(

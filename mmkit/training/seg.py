@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..assets import DEFAULT_SAM, resolve_asset
 from ..config import StrictConfig
 from ..data.features import cached_features, source_features
 from ..data.sources import DataConfig, Referral, ReferringSource, open_source
@@ -38,7 +39,7 @@ class SegModelConfig(ModelConfig):
 
     token_grid: int | None = 7
     connector: str = "linear"
-    sam: str = "outputs/sam-shapes/final"  # a SamModel name or folder (recipes/segment/pretrain_sam.py makes one)
+    sam: str = DEFAULT_SAM  # a SamModel folder, hub id or "asset:" name; recipes/segment/pretrain_sam.py makes one
     seg: SegConfig = field(default_factory=SegConfig)
     seg_prompt: str = SEG_PROMPT
     seg_answer: str = SEG_ANSWER
@@ -88,7 +89,7 @@ def sam_fingerprint(sam, name: str) -> dict:
     """What identifies a SAM's image encoder for the embedding cache: its name, its config and, for a local
     folder, the size and modification time of its weight files (re-training into the same folder changes it)."""
     info = {"name": str(name), "config": hashlib.sha256(sam.config.to_json_string().encode()).hexdigest()[:16]}
-    folder = Path(name)
+    folder = Path(resolve_asset(str(name)))
     if folder.is_dir():
         info["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.glob("*.safetensors"))}
     return info

@@ -14,10 +14,9 @@ from mmkit.cli import run_guarded
 
 
 def main(argv=None) -> dict:
-    from transformers import SamModel
-
     from mmkit.config import atomic_write_text
     from mmkit.data.promptable import PromptableConfig, PromptableShapes
+    from mmkit.heads.sam_prompt import load_sam
     from mmkit.training.sam import one_point_miou
 
     parser = argparse.ArgumentParser(description="Held-out one-point / box mIoU of a SAM on ShapesWorld objects.")
@@ -29,7 +28,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sam = SamModel.from_pretrained(args.sam).eval()
+    sam = load_sam(args.sam)
     size = int(sam.config.prompt_encoder_config.image_size)
     data = PromptableShapes(PromptableConfig(image_size=size), split=args.split, size=args.size)
     result = {"sam": str(args.sam), "split": args.split, "scenes": args.size,
