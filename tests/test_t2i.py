@@ -330,3 +330,21 @@ def test_shipped_model_loads_offline_and_follows_single_object_prompts():
     follows = [prompt_following(img, text, JudgeConfig.for_world(world)) for img, text in zip(images, prompts)]
     right = sum(bool(f["all"]) for f in follows)
     assert right >= 6, follows  # 8/8 when measured (100% of 96 held-out prompts at 50 steps); chance ~1/24 each
+
+
+def test_init_from_reads_a_pipeline_or_checkpoint_by_path_or_asset_name_and_refuses_other_sizes(tmp_path):
+    from mmkit.assets import DEFAULT_T2I_MODEL
+    from mmkit.diffusion.loading import load_pipeline
+    from mmkit.training.t2i import ModelConfig, build_unet, load_unet_weights
+
+    shipped = load_pipeline("asset:t2i/shapes").unet.state_dict()
+    unet = build_unet(ModelConfig(), 32, 384)
+    assert load_unet_weights(unet, "asset:t2i/shapes") == DEFAULT_T2I_MODEL / "unet"
+    assert all(torch.equal(v, shipped[k]) for k, v in unet.state_dict().items())
+    checkpoint = tmp_path / "step-000001"
+    unet.save_pretrained(checkpoint / "unet_ema")  # a training checkpoint: its EMA weights are the ones read
+    assert load_unet_weights(build_unet(ModelConfig(), 32, 384), str(checkpoint)) == checkpoint / "unet_ema"
+    with pytest.raises(ValueError, match="the saved UNet does not fit this config"):
+        load_unet_weights(build_unet(ModelConfig(block_out_channels=(32, 64, 128)), 32, 384), "asset:t2i/shapes")
+    with pytest.raises(FileNotFoundError, match="no UNet there"):
+        load_unet_weights(unet, str(tmp_path / "nothing"))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..assets import DEFAULT_T2I_MODEL
+from ..assets import DEFAULT_T2I_MODEL, resolve_asset
 
 PIPELINE_CLASSES = ("PixelTextToImagePipeline", "StableDiffusionPipeline")
 
 
 def load_pipeline(folder: str | Path | None = None):
-    """The pipeline in ``folder`` (default: the shipped ShapesWorld model), class from ``model_index.json``.
+    """The pipeline in ``folder`` (default: the shipped ShapesWorld model; ``"asset:t2i/shapes"`` names it
+    portably), class from ``model_index.json``.
 
     Accepted: ``PixelTextToImagePipeline`` and ``StableDiffusionPipeline`` folders. Errors say which
     folder was given, what it holds and what is accepted.
@@ -24,7 +25,7 @@ def load_pipeline(folder: str | Path | None = None):
                 f"the default ShapesWorld model is not in {folder} yet; train it with "
                 "recipes/generate/train.py and copy output_dir/final there, or pass --model FOLDER"
             )
-    folder = Path(folder)
+    folder = Path(resolve_asset(str(folder)))
     index = read_model_index(folder)
     name = index["_class_name"]
     if name == "PixelTextToImagePipeline":

@@ -162,7 +162,9 @@ def load_unet_weights(unet, source: str) -> Path:
     is refused naming the first tensor that differs."""
     from diffusers import UNet2DConditionModel
 
-    root = Path(source)
+    from ..assets import resolve_asset
+
+    root = Path(resolve_asset(source))
     candidates = [root / "unet_ema", root / "unet", root]
     folder = next((c for c in candidates if (c / "config.json").is_file()), None)
     if folder is None:

@@ -28,7 +28,7 @@ from .loop import TrainingLoop, TrainingTask, TrainLoopConfig
 
 PROJECTIONS = ("clp", "wiclp")
 CONCEPTS = ("neti", "textual_inversion")
-DEFAULT_PIPELINE = "assets/t2i/shapes"
+DEFAULT_PIPELINE = "asset:t2i/shapes"  # the shipped ShapesWorld model, from any working directory
 # textual-inversion templates (Gal et al.'s object templates, the ones that read naturally for a flat render)
 TEMPLATES = ("a {}", "a photo of a {}", "a rendering of a {}", "a picture of a {}", "a cropped photo of the {}",
              "the photo of a {}", "a {size} {}", "a photo of a {size} {}", "a rendering of the {size} {}",
