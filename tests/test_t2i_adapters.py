@@ -119,3 +119,9 @@ def test_binding_and_concept_evaluations_run_on_the_adapters(folder, tmp_path):
     assert len(list((tmp_path / "grids").glob("*.png"))) == 3
     with pytest.raises(ValueError, match="neither 'none' nor a non-negative integer"):
         _recipe("eval_concept").truncations_of(["half"])
+
+
+def test_the_default_agent_sd_and_tome_variants_of_eval_run(folder):
+    """eval.py's default variants parse their flags on their own parser (no --seed of the command there)."""
+    report = _recipe("eval").main(["--model", str(folder), "--prompts", "2", "--judge-scenes", "2", "--steps", "2"])
+    assert list(report["variants"]) == ["base", "--agent-sd", "--tome"]

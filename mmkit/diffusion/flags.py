@@ -54,19 +54,20 @@ def _build_agent_sd(args: argparse.Namespace, steps: int):
     schedule = published_schedule()
     if steps != 50:
         schedule = (schedule[0], schedule[1].replace(start_step=max(1, round(schedule[1].start_step * steps / 50))))
-    config = AgentSDConfig(schedule=schedule, max_downsample=args.max_downsample, seed=args.seed)
+    config = AgentSDConfig(schedule=schedule, max_downsample=args.max_downsample, seed=args.merge_seed)
     return AgentSD(config, ratio=args.agent_sd_ratio)
 
 
 def _build_tome(args: argparse.Namespace, steps: int):
     from . import ToMe, ToMeConfig
 
-    return ToMe(ToMeConfig(ratio=args.tome, max_downsample=args.max_downsample, seed=args.seed))
+    return ToMe(ToMeConfig(ratio=args.tome, max_downsample=args.max_downsample, seed=args.merge_seed))
 
 
 SHARED_OPTIONS: tuple[Option, ...] = (
     Option("--max-downsample", int, 1,
            "merging patches (AgentSD, ToMe) act on blocks downsampled at most this much (1 = highest resolution)"),
+    Option("--merge-seed", int, 0, "seed of the merging patches' random choice of destination tokens (default 0)"),
 )
 
 PATCH_FLAGS: Registry[PatchFlag] = Registry("patch flag")
