@@ -405,3 +405,15 @@ def test_dataset_items():
     again = ShapesWorld(CFG.replace(image_size=32), split="val", size=4)[2]
     assert again["image"].tobytes() == item["image"].tobytes() and again["qa"] == item["qa"]
     assert ds[-1]["id"] == "val-000003"
+
+
+def test_two_large_objects_that_random_layouts_miss_are_placed_in_opposite_corners():
+    from mmkit.training.t2i_adapters import two_object_world
+
+    world = two_object_world()
+    scene = sample_scene(26336, world)  # every random layout of its two large objects failed (a WiCLP run crashed)
+    a, b = scene.objects
+    assert a.diameter == b.diameter == max(world.size_fractions)
+    assert math.hypot(a.x - b.x, a.y - b.y) >= a.diameter / 2 + b.diameter / 2 + world.min_gap
+    for o in scene.objects:
+        assert world.margin + o.diameter / 2 - 1e-9 <= min(o.x, o.y) and max(o.x, o.y) <= 1 - world.margin - o.diameter / 2 + 1e-9

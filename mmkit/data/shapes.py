@@ -270,6 +270,27 @@ def sample_scene(seed: int, cfg: ShapesWorldConfig | None = None) -> Scene:
     )
 
 
+def _corner_layout(diameters: list[float], order: list[int], cfg: ShapesWorldConfig) -> list[tuple[float, float]] | None:
+    """Objects pushed into the corners (largest first: two opposite corners, then the other two), or None when
+    that does not keep the gaps either. Used only after every random layout failed, so scenes that place
+    randomly are unchanged."""
+    if len(diameters) > 4:
+        return None
+    corners = ((0, 0), (1, 1), (0, 1), (1, 0))
+    centres: dict[int, tuple[float, float]] = {}
+    for i, (cx, cy) in zip(order, corners):
+        r = diameters[i] / 2
+        lo, hi = cfg.margin + r, 1 - cfg.margin - r
+        centres[i] = (hi if cx else lo, hi if cy else lo)
+    for a in centres:
+        for b in centres:
+            if a < b and math.hypot(centres[a][0] - centres[b][0], centres[a][1] - centres[b][1]) < (
+                diameters[a] / 2 + diameters[b] / 2 + cfg.min_gap
+            ):
+                return None
+    return [centres[i] for i in range(len(diameters))]
+
+
 def _place(
     rng: random.Random, diameters: list[float], cfg: ShapesWorldConfig, seed: int
 ) -> list[tuple[float, float]]:
@@ -292,6 +313,9 @@ def _place(
                 break  # this layout is stuck; start a fresh one
         if len(centres) == len(diameters):
             return [centres[i] for i in range(len(diameters))]
+    corners = _corner_layout(diameters, order, cfg)  # random layouts of large objects can all miss a narrow fit
+    if corners is not None:
+        return corners
     raise RuntimeError(
         f"sample_scene(seed={seed}): could not place {len(diameters)} objects with diameters {diameters} "
         f"(margin={cfg.margin}, min_gap={cfg.min_gap}) in {cfg.placement_restarts} layouts of "
