@@ -19,6 +19,7 @@ so a held-out scene is never a training scene.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 import random
@@ -282,12 +283,9 @@ def _corner_layout(diameters: list[float], order: list[int], cfg: ShapesWorldCon
         r = diameters[i] / 2
         lo, hi = cfg.margin + r, 1 - cfg.margin - r
         centres[i] = (hi if cx else lo, hi if cy else lo)
-    for a in centres:
-        for b in centres:
-            if a < b and math.hypot(centres[a][0] - centres[b][0], centres[a][1] - centres[b][1]) < (
-                diameters[a] / 2 + diameters[b] / 2 + cfg.min_gap
-            ):
-                return None
+    for a, b in itertools.combinations(centres, 2):
+        if math.dist(centres[a], centres[b]) < diameters[a] / 2 + diameters[b] / 2 + cfg.min_gap:
+            return None
     return [centres[i] for i in range(len(diameters))]
 
 

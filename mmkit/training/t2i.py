@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..assets import resolve_asset
 from ..config import StrictConfig, atomic_write_text
 from ..diffusion.pixel_pipeline import SAMPLERS
 from ..diffusion.t2i_data import T2IDataConfig
@@ -161,8 +162,6 @@ def load_unet_weights(unet, source: str) -> Path:
     checkpoint (its ``unet_ema/``, else ``unet/``) or a UNet folder. Returns the folder read; a UNet of other sizes
     is refused naming the first tensor that differs."""
     from diffusers import UNet2DConditionModel
-
-    from ..assets import resolve_asset
 
     root = Path(resolve_asset(source))
     candidates = [root / "unet_ema", root / "unet", root]
