@@ -360,3 +360,32 @@ def test_eval_table_names_each_connector_by_its_run():
     ]).splitlines()
     assert rows[2].startswith("| vlap (a/final) | 1.500 | - | 25.0 | - |")
     assert rows[3].startswith("| linear (a-400) | - | - | - | 12.5 |")
+
+
+def test_paired_difference_hand_case_and_separation():
+    from mmkit.eval.paired import format_paired, paired_difference
+
+    a = [0.5, 0.5, 0.5, 0.5]
+    b = [0.7, 0.6, 0.5, 0.4]
+    r = paired_difference(a, b)
+    assert r["examples"] == 4 and r["mean_diff"] == pytest.approx(0.05)
+    # differences 0.2, 0.1, 0, -0.1: sample sd 0.1291, SE 0.0645
+    assert r["stderr"] == pytest.approx(math.sqrt(((0.15**2) + (0.05**2) + (0.05**2) + (0.15**2)) / 3) / 2)
+    assert (r["b_wins"], r["b_losses"], r["ties"]) == (2, 1, 1)
+    assert r["ci95"][0] <= r["mean_diff"] <= r["ci95"][1] and not r["separated"]
+    # a consistent gain over many examples is separated, whatever the resampling seed
+    a = [i % 7 / 7 for i in range(200)]
+    for seed in range(3):
+        assert paired_difference(a, [x + 0.01 for x in a], seed=seed)["separated"]
+    assert "+1.0 points" in format_paired("x", paired_difference(a, [x + 0.01 for x in a]))
+
+
+def test_paired_difference_rejects_bad_inputs():
+    from mmkit.eval.paired import paired_difference
+
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_difference([1], [1])
+    with pytest.raises(ValueError, match="finite"):
+        paired_difference([1, float("nan")], [1, 2])

@@ -53,6 +53,10 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
     assert 0.0 <= result["gIoU"] <= 1.0 and result["examples"] >= 2 and result["sasp"] == (sasp != "null")
     assert Path(result["sheet"]).is_file() and "data:image/png;base64" in Path(result["sheet"]).read_text()
     assert "| model | SasP | gIoU | cIoU |" in done.stdout
+    assert len(result["ious"]) == result["examples"] and abs(sum(result["ious"]) / len(result["ious"]) - result["gIoU"]) < 1e-9
+    # pairing two reports of the same expressions: the difference of a model with itself is exactly zero
+    paired = run("eval.py", ["--compare", str(out), str(out)], tmp_path)
+    assert "minus" in paired.stdout and ": +0.0 points" in paired.stdout
     # the command line on a picture of its own
     from PIL import Image
 

@@ -117,6 +117,16 @@ def test_binding_and_concept_evaluations_run_on_the_adapters(folder, tmp_path):
     assert len(report["variants"]) == 3  # the base model's words, NeTI untruncated and at 4
     assert report["judge_on_renders"]["shape"] == 1.0  # the extended judge reads real crosses
     assert len(list((tmp_path / "grids").glob("*.png"))) == 3
+    # a new colour on a known shape (configs/neti_orange.yaml): the judge gains the colour the T2I world lacks
+    concept = _recipe("train_concept").main(
+        ["--max_train_steps", "1", "--output_dir", str(tmp_path / "ti"), f"model.pipeline={folder}",
+         "model.kind=textual_inversion", "data.num_images=1", "data.world.shapes=[circle]",
+         "data.world.colours=[orange]", *SMALL])
+    report = _recipe("eval_concept").main(
+        ["--model", str(folder), "--adapters", str(concept), "--images", "1", "--steps", "1", "--judge-scenes", "2",
+         "--colours", "yellow", "orange"])
+    assert report["concept"] == {"shape": "circle", "colour": "orange"} and report["edit_colours"] == ["yellow"]
+    assert report["judge_on_renders"]["all"] == 1.0  # real orange and yellow circles, told apart
     with pytest.raises(ValueError, match="neither 'none' nor a non-negative integer"):
         _recipe("eval_concept").truncations_of(["half"])
 

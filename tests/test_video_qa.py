@@ -53,11 +53,14 @@ def test_tiny_video_qa_recipe_trains_resumes_and_evaluates(tiny_parts, tmp_path)
     bundle = json.loads((tmp_path / "run" / "final" / "bundle.json").read_text())
     assert bundle["parts"]["encoder"]["spec"].startswith("av:")
     out = tmp_path / "eval.json"
-    run("eval.py", ["--connectors", str(tmp_path / "run" / "final"), "--source", "shapesworld_clips", "--size", "2",
-                    "--qa-per-image", "5", "--option", "render_size=30", "--option", "duration=2.0",
-                    "--feature-cache", str(tmp_path / "f"), "--json", str(out)], tmp_path)
+    done = run("eval.py", ["--connectors", str(tmp_path / "run" / "final"), str(tmp_path / "run" / "final"),
+                           "--source", "shapesworld_clips", "--size", "2",
+                           "--qa-per-image", "5", "--option", "render_size=30", "--option", "duration=2.0",
+                           "--feature-cache", str(tmp_path / "f"), "--json", str(out)], tmp_path)
     result = json.loads(out.read_text())[0]
     assert result["vqa"]["num_questions"] >= 8 and {"first", "last", "order", "av"} <= set(result["vqa"])
+    assert len(result["vqa_per_question"]) == result["vqa"]["num_questions"]
+    assert "VQA acc, run/final minus run/final: +0.0 points" in done.stdout  # the same model twice, paired
     # the command line on a video file written from a held-out clip
     from mmkit.data.clips import ClipConfig, clip_audio, clip_frames, sample_clip
     from mmkit.data.media import write_video

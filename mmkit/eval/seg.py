@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def seg_scores(preds: list[np.ndarray | None], truths: list[np.ndarray]) -> dict:
-    """gIoU, cIoU and how many predictions were "no mask", over paired (H, W) bool masks."""
+def seg_scores(preds: list[np.ndarray | None], truths: list[np.ndarray], per_example: bool = False) -> dict:
+    """gIoU, cIoU and how many predictions were "no mask", over paired (H, W) bool masks (and, with
+    ``per_example``, each example's IoU as "ious", for paired comparisons)."""
     ious, inter_total, union_total, missing = [], 0, 0, 0
     for pred, truth in zip(preds, truths, strict=True):
         truth = np.asarray(truth, dtype=bool)
@@ -29,9 +30,12 @@ def seg_scores(preds: list[np.ndarray | None], truths: list[np.ndarray]) -> dict
         ious.append(inter / union if union else 1.0)
         inter_total += inter
         union_total += union
-    return {"gIoU": float(np.mean(ious)) if ious else float("nan"),
-            "cIoU": inter_total / union_total if union_total else float("nan"),
-            "examples": len(ious), "no_mask": missing}
+    scores = {"gIoU": float(np.mean(ious)) if ious else float("nan"),
+              "cIoU": inter_total / union_total if union_total else float("nan"),
+              "examples": len(ious), "no_mask": missing}
+    if per_example:
+        scores["ious"] = ious
+    return scores
 
 
 def overlay(image: Image.Image, mask: np.ndarray | None, truth: np.ndarray | None = None,

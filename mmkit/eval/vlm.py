@@ -10,6 +10,7 @@ scored by cosine of the assignment codes (any connector) and by VLAP's assignmen
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -94,6 +95,10 @@ def evaluate_connector(
                     samples[i].setdefault("qa", []).append({"q": q.question, "pred": pred, "gold": q.answers[0]})
         results["vqa"] = {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}
         results["vqa"]["num_questions"] = len(questions)
+        # per question, in order, with a fingerprint of the questions: reports pair up later (mmkit.eval.paired)
+        results["vqa_per_question"] = list(per_kind["overall"])
+        results["vqa_questions_sha"] = hashlib.sha256("\n".join(
+            f"{i}\t{q.question}\t{q.answers[0]}" for i, q in questions).encode()).hexdigest()[:16]
         timings["vqa_s"] = time.perf_counter() - t0
 
     texts = [source.caption(i) for i in range(n)] if "retrieval" in tasks else []
@@ -149,6 +154,27 @@ def table(results: Sequence[dict]) -> str:
     return "\n".join(rows)
 
 
+def paired_vqa_lines(results: Sequence[dict]) -> list[str]:
+    """VQA accuracy of each later model minus the first's, paired over the same questions (empty when fewer
+    than two results carry per-question scores for the same questions)."""
+    from .paired import format_paired, paired_difference
+
+    scored = [r for r in results if "vqa_per_question" in r]
+    if len(scored) < 2:
+        return []
+    base = scored[0]
+    lines = []
+    for r in scored[1:]:
+        if r["vqa_questions_sha"] != base["vqa_questions_sha"]:
+            lines.append(f"{connector_label(r['connector'])}: other questions than {connector_label(base['connector'])}, "
+                         "not paired")
+            continue
+        diff = paired_difference(base["vqa_per_question"], r["vqa_per_question"])
+        lines.append(format_paired(f"VQA acc, {connector_label(r['connector'])} minus "
+                                   f"{connector_label(base['connector'])}", diff))
+    return lines
+
+
 def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> list[dict]:
     """Command line shared by the caption and VQA eval recipes."""
     import argparse
@@ -187,6 +213,8 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
         all_results.append(res)
         print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=2))
     print(table(all_results))
+    for line in paired_vqa_lines(all_results):
+        print(line)
     if args.json:
         atomic_write_text(args.json, json.dumps(all_results, indent=2) + "\n")
         print(f"wrote {args.json}")

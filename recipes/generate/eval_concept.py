@@ -6,9 +6,9 @@
 For every adapter (and, for NeTI, every truncation index) it samples, from the same per-image seeds:
 
 - **fidelity**: "a <S*>" should show the concept as trained (by default one yellow cross);
-- **editability**: "a {colour} <S*>" for other colours should show a cross of that colour.
+- **editability**: "a {colour} <S*>" for other colours should show the concept's shape in that colour.
 
-A ShapesWorld judge extended with the concept's shape reads the images back (its accuracy on real renders of
+A ShapesWorld judge extended with the concept's shape and colour reads the images back (its accuracy on real renders of
 the concept in every colour is reported first). Rows: the share of images judged exactly right (one object,
 the asked colour, the concept's shape), and colour / shape separately. The base model prompted with the words
 ("a yellow cross", a shape it never saw) is the floor. Prints a markdown table and writes JSON.
@@ -71,9 +71,10 @@ def evaluate(args: argparse.Namespace) -> dict:
                          f"each concept on its own: {[path for path, _, _ in adapters]}")
     world = worlds[0]
     (shape,), (trained_colour,) = world.shapes[:1], world.colours[:1]
-    base_shapes = tuple(JudgeConfig().shapes)
-    judge_cfg = JudgeConfig.for_world(world, shapes=tuple(dict.fromkeys(base_shapes + (shape,))),
-                                      colours=tuple(JudgeConfig().colours))
+    # the base model's shapes and colours plus the concept's (a new shape such as the cross, or a new colour)
+    base = JudgeConfig()
+    judge_cfg = JudgeConfig.for_world(world, shapes=tuple(dict.fromkeys(base.shapes + (shape,))),
+                                      colours=tuple(dict.fromkeys(base.colours + (trained_colour,))))
     colours = [c for c in args.colours if c != trained_colour]
 
     # the judge on real renders of the concept in every colour asked about

@@ -1,11 +1,15 @@
 """Evaluate READ / <SEG>-only models on held-out referring expressions: gIoU, cIoU (overall and per kind) and
 an HTML sheet of mask overlays (prediction red, ground truth outlined green, SAM's points as rings).
 
-    python recipes/segment/eval.py --models outputs/segment-read/final outputs/segment-seg-only/final \\
+    python recipes/segment/eval.py --models outputs/segment-seg-only/final outputs/segment-read/final \\
         --split test --size 300 --json outputs/eval/segment.json --sheet outputs/eval/segment.html
+
+With several models, every later one is also compared with the first on the same expressions (paired per-example
+IoU differences, ``mmkit.eval.paired``). ``--compare A.json B.json`` does the same from earlier reports.
 """
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -52,6 +56,8 @@ def evaluate(model_dir: Path, args) -> dict:
                                                res["points"], res["labels"], size),
                               "expression": r.expression, "answer": res["text"],
                               "iou": None if mask is None else (inter / union if union else 1.0)})
+    ious = seg_scores(preds, truths, per_example=True)["ious"]
+    examples = hashlib.sha256("\n".join(f"{r.index}\t{r.expression}" for r in refs).encode()).hexdigest()[:16]
     result = {"model": str(model_dir), "sasp": parts["seg"].get("sasp") is not None, **seg_scores(preds, truths),
               "by_kind": {k: seg_scores([p for p, kk in zip(preds, kinds, strict=True) if kk == k],
                                         [t for t, kk in zip(truths, kinds, strict=True) if kk == k])
@@ -63,14 +69,38 @@ def evaluate(model_dir: Path, args) -> dict:
                     note=f"gIoU {100 * result['gIoU']:.1f}%, cIoU {100 * result['cIoU']:.1f}% over {result['examples']} "
                          "expressions; red: prediction, green outline: truth, rings: SAM points (white +, black -)")
         result["sheet"] = str(sheet)
+    result["examples_sha"] = examples  # the expressions scored, so reports can be paired later
+    result["ious"] = ious  # per expression, in order
     return result
+
+
+def paired_lines(results: list[dict]) -> list[dict]:
+    """Each later result's per-expression IoU against the first's (they must have scored the same expressions)."""
+    from mmkit.eval.paired import paired_difference
+
+    base = results[0]
+    out = []
+    for r in results[1:]:
+        for x in (base, r):
+            if "ious" not in x:
+                raise ValueError(f"{x['model']}: the report has no per-expression IoUs (written by an older eval.py); "
+                                 "evaluate it again")
+        if base.get("examples_sha") != r.get("examples_sha"):
+            raise ValueError(f"{r['model']} and {base['model']} were scored on different expressions "
+                             f"({r.get('examples_sha')} vs {base.get('examples_sha')}): use the same --source, "
+                             "--split, --size and --refs-per-image")
+        out.append({"baseline": base["model"], "model": r["model"],
+                    "gIoU": paired_difference(base["ious"], r["ious"])})
+    return out
 
 
 def main(argv=None) -> list[dict]:
     from mmkit.config import atomic_write_text
 
     parser = argparse.ArgumentParser(description="gIoU / cIoU of READ models on held-out referring expressions.")
-    parser.add_argument("--models", nargs="+", type=Path, required=True, help="READ bundles (train.py's final/)")
+    parser.add_argument("--models", nargs="+", type=Path, default=[], help="READ bundles (train.py's final/)")
+    parser.add_argument("--compare", nargs="+", type=Path, default=[], metavar="JSON",
+                        help="instead of evaluating: pair earlier reports of this script (the first is the baseline)")
     parser.add_argument("--source", default="shapesworld_refer")
     parser.add_argument("--split", default="test")
     parser.add_argument("--size", type=int, default=300, help="images")
@@ -85,13 +115,25 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [evaluate(m, args) for m in args.models]
+    if bool(args.models) == bool(args.compare):
+        parser.error("give either --models (evaluate) or --compare (pair earlier JSON reports)")
+    if args.compare:
+        results = [r for path in args.compare for r in json.loads(path.read_text())]
+    else:
+        results = [evaluate(m, args) for m in args.models]
     print("| model | SasP | gIoU | cIoU | no mask | " + " | ".join(f"gIoU {k}" for k in results[0]["by_kind"]) + " |")
     print("|---|---|---|---|---|" + "---|" * len(results[0]["by_kind"]))
     for r in results:
         kinds = " | ".join(f"{100 * v['gIoU']:.1f}" for v in r["by_kind"].values())
         print(f"| {r['model']} | {'yes' if r['sasp'] else 'no'} | {100 * r['gIoU']:.1f} | {100 * r['cIoU']:.1f} | "
               f"{r['no_mask']} | {kinds} |")
+    if len(results) > 1:
+        from mmkit.eval.paired import format_paired
+
+        pairs = paired_lines(results)
+        for pair in pairs:
+            print(format_paired(f"gIoU, {pair['model']} minus {pair['baseline']}", pair["gIoU"]))
+        results[0]["paired_vs_first"] = pairs
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.json), json.dumps(results, indent=2, default=float) + "\n")
