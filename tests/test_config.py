@@ -53,3 +53,17 @@ def test_a_partial_section_overrides_the_fields_own_default():
     two = ProjectionTrainConfig.from_dict({"data": {"world": {"image_size": 16}}})
     assert two.data.world.min_objects == two.data.world.max_objects == 2
     assert T2ITrainConfig.from_dict(t2i.to_dict()) == t2i  # full dicts (saved runs) read back unchanged
+
+
+def test_recipe_overrides_may_sit_on_both_sides_of_the_options():
+    """``projection.kind=clp --max_train_steps 9 train.save_every=3``: every override applies (argparse's plain
+    parse_args rejected the one after the option)."""
+    from mmkit.training.config import parse_recipe_args
+    from mmkit.training.t2i_adapters import ProjectionTrainConfig
+
+    cfg, args = parse_recipe_args(
+        ProjectionTrainConfig, None, description="", epilog="",
+        argv=["projection.kind=clp", "--max_train_steps", "9", "train.save_every=3", "--output_dir", "o"])
+    assert (cfg.projection.kind, cfg.train.max_train_steps, cfg.train.save_every, cfg.train.output_dir) == \
+        ("clp", 9, 3, "o")
+    assert args.overrides == ["projection.kind=clp", "train.save_every=3"]

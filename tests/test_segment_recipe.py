@@ -51,6 +51,11 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
                            str(tmp_path / "sheet.html"), "--sheet-examples", "2"], tmp_path)
     result = json.loads(out.read_text())[0]
     assert 0.0 <= result["gIoU"] <= 1.0 and result["examples"] >= 2 and result["sasp"] == (sasp != "null")
+    if sasp == "null":
+        assert result["sasp_points"] is None  # no points without SasP
+    elif result["no_mask"] < result["examples"]:  # some answer segments: the map's maximum is a positive point
+        share = result["sasp_points"]["positives_inside_target"]
+        assert result["sasp_points"]["positives_per_expression"] >= 1 and 0.0 <= share <= 1.0
     assert Path(result["sheet"]).is_file() and "data:image/png;base64" in Path(result["sheet"]).read_text()
     assert "| model | SasP | gIoU | cIoU |" in done.stdout
     assert len(result["ious"]) == result["examples"] and abs(sum(result["ious"]) / len(result["ious"]) - result["gIoU"]) < 1e-9

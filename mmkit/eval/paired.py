@@ -49,7 +49,7 @@ def paired_difference(a, b, *, resamples: int = 10_000, seed: int = 0, tie: floa
 
 
 def format_paired(name: str, result: dict, scale: float = 100.0, unit: str = "points") -> str:
-    """One line: 'name: +2.1 points (SE 0.9, 95% CI +0.4 .. +3.9; wins 40 / losses 22 / ties 238)'."""
+    """One line: 'name: +2.1 points (SE 0.9, 95% CI +0.4 .. +3.9, separated; wins 40 / losses 22 / ties 238 of 300)'."""
     lo, hi = (scale * x for x in result["ci95"])
     return (f"{name}: {scale * result['mean_diff']:+.1f} {unit} (SE {scale * result['stderr']:.1f}, 95% CI "
             f"{lo:+.1f} .. {hi:+.1f}{', separated' if result['separated'] else ''}; wins {result['b_wins']} / "

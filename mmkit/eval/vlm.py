@@ -6,6 +6,10 @@ Captioning: CIDEr-D and BLEU-4 against all reference captions, plus (ShapesWorld
 the fraction of objects whose true colour *and* shape the generated caption states. VQA: VQAv2 accuracy
 overall and per question kind. Retrieval: R@1/5 image->text and text->image over the canonical captions,
 scored by cosine of the assignment codes (any connector) and by VLAP's assignment cross-entropy.
+
+Reports keep each question's VQA score, so models scored on the same questions pair up: with several
+connectors, or later with ``--compare A.json B.json``, each is compared with the first question by question
+(``mmkit.eval.paired``).
 """
 
 from __future__ import annotations
@@ -183,7 +187,10 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
     from ..data.sources import SOURCES, DataConfig, source_options
 
     parser = argparse.ArgumentParser(description="Evaluate trained models (bundle or connector folders) on held-out images.")
-    parser.add_argument("--connectors", nargs="+", required=True, help="model folders (e.g. outputs/x/final)")
+    parser.add_argument("--connectors", nargs="+", default=[], help="model folders (e.g. outputs/x/final)")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="JSON",
+                        help="instead of evaluating: table and paired VQA comparison (against the first) of "
+                             "earlier --json reports")
     parser.add_argument("--source", default="shapesworld", choices=SOURCES.names())
     parser.add_argument("--split", default="test", help="ShapesWorld split (held-out seeds: val or test)")
     parser.add_argument("--size", type=int, default=500, help="number of images")
@@ -198,6 +205,14 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
         shortcuts.add_argument(flag, dest=key, default=None, help=f"= --option {key}=...")
     parser.add_argument("--json", help="write all metrics (and sample outputs) to this file")
     args = parser.parse_args(argv)
+    if bool(args.connectors) == bool(args.compare):
+        parser.error("give either --connectors (evaluate) or --compare (earlier JSON reports)")
+    if args.compare:
+        reports = [r for path in args.compare for r in json.loads(Path(path).read_text())]
+        print(table(reports))
+        for line in paired_vqa_lines(reports):
+            print(line)
+        return reports
     accepted = source_options(args.source)
     options = {key: parse_override(f"x={getattr(args, key)}")[1] for _, key in _OPTION_FLAGS
                if getattr(args, key) is not None and key in accepted}

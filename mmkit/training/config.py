@@ -23,7 +23,8 @@ def parse_recipe_args(
     parser.add_argument("--max_train_steps", type=int, default=None, help="override train.max_train_steps")
     parser.add_argument("--output_dir", default=None, help="override train.output_dir")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    # intermixed: overrides may come before and after the options ("a.b=1 --max_train_steps 9 c.d=2")
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.max_train_steps is not None:
         overrides.append(f"train.max_train_steps={args.max_train_steps}")

@@ -8,7 +8,9 @@
    seeds, so the starting noise is identical;
 3. the drop in points against the base model, and the PSNR of every patched image against the base
    image of the same seed (how far the patch moves the output; identical outputs count as inf and are
-   reported separately).
+   reported separately);
+4. each variant paired with the base on the same prompts and seeds (``mmkit.eval.paired``): the mean per-prompt
+   difference in "all" and "objects", its standard error and a bootstrap 95% interval.
 
 Attribute binding (CLP / WiCLP): ``--objects 2 --variants "--text-projection outputs/wiclp-shapes/final"
 "--text-projection outputs/wiclp-shapes/final --switch-off 600"``; "objects" is then the share of prompts'
@@ -38,10 +40,12 @@ from mmkit.diffusion.flags import add_patch_arguments, build_patches
 from mmkit.diffusion.loading import load_pipeline
 from mmkit.diffusion.pixel_pipeline import SAMPLERS, with_sampler
 from mmkit.diffusion.t2i_data import held_out_prompts, t2i_world
+from mmkit.eval.paired import format_paired, paired_difference
 from mmkit.eval.report import add_sampling_arguments, run_report
 from mmkit.eval.shapes_judge import JudgeConfig, judge_accuracy, prompt_following, prompt_following_accuracy
 
 METRICS = ("all", "objects", "colour", "shape", "count", "relation")
+PAIRED_METRICS = ("all", "objects")  # per prompt: everything right; share of objects with colour and shape bound right
 
 
 def world_of(model_folder: Path | None) -> ShapesWorldConfig:
@@ -107,9 +111,11 @@ def evaluate(args: argparse.Namespace) -> dict:
             images[name].extend(out)
 
     results: dict[str, dict] = {}
+    per_prompt: dict[str, dict[str, list[float]]] = {}
     for name in variants:
         follows = [prompt_following(img, scene, judge_cfg) for img, (scene, _) in zip(images[name], prompts)]
         row = prompt_following_accuracy(follows)
+        per_prompt[name] = {m: [float(f[m]) for f in follows] for m in PAIRED_METRICS}
         row["seconds_per_image"] = round(seconds[name] / len(prompts), 3)
         if name != "base":
             values = [psnr(a, b) for a, b in zip(images[name], images["base"])]
@@ -118,6 +124,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             row["identical_to_base"] = len(values) - len(finite)
             base = results["base"]
             row["drop_points"] = {m: _points(base[m], row[m]) for m in METRICS}
+            # the same prompts and seeds in every variant: paired per-prompt differences against the base
+            row["paired_vs_base"] = {m: paired_difference(per_prompt["base"][m], per_prompt[name][m])
+                                     for m in PAIRED_METRICS}
         results[name] = row
         if args.grids is not None:
             args.grids.mkdir(parents=True, exist_ok=True)
@@ -167,6 +176,10 @@ def markdown(report: dict) -> str:
             f"| {name} | {row['all']:.1%} | {row['objects']:.1%} | {row['colour']:.1%} | {row['shape']:.1%} | "
             f"{row['count']:.1%} | {rel} | {drop} | {psnr_} | {row['seconds_per_image']} |"
         )
+    paired = [(name, row["paired_vs_base"]) for name, row in report["variants"].items() if "paired_vs_base" in row]
+    if paired:
+        lines += ["", "Paired with the base on the same prompts and seeds (variant minus base):"]
+        lines += [f"- {format_paired(f'{name}, {m}', diff[m])}" for name, diff in paired for m in PAIRED_METRICS]
     return "\n".join(lines)
 
 

@@ -94,9 +94,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     variants: dict[str, dict] = {}
     grids: dict[str, list] = {}
 
+    from tqdm.auto import tqdm
+
     def run_variant(name: str, make_patches, token: str) -> None:
         row, tiles = {}, []
-        for colour in [trained_colour, *colours]:
+        for colour in tqdm([trained_colour, *colours], desc=name, unit="prompt", leave=False):
             prompt = f"a {token}" if colour == trained_colour and token != shape else f"a {colour} {token}"
             images = sample(prompt, make_patches())
             row[colour] = score(images, colour, shape, judge_cfg)

@@ -38,7 +38,10 @@ def evaluate(model_dir: Path, args) -> dict:
     refs = source.segmentation_examples(args.refs_per_image, seed=0)
     prompt = parts.get("seg_prompt", SEG_PROMPT)  # the training prompt, kept in the bundle
     preds, truths, kinds, cards = [], [], [], []
-    for start in range(0, len(refs), args.batch_size):
+    positives, inside = [], []  # SasP: positive points per expression; share of them inside the target
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(refs), args.batch_size), desc=f"segmenting ({model_dir.parent.name}/{model_dir.name})", unit="batch"):
         chunk = refs[start:start + args.batch_size]
         idx = torch.tensor([r.index for r in chunk])
         out = model.segment(features[idx], [prompt.replace("{expression}", r.expression) for r in chunk], sam_emb[idx],
@@ -48,6 +51,11 @@ def evaluate(model_dir: Path, args) -> dict:
             mask = None if res["mask"] is None else res["mask"].numpy()
             preds.append(mask)
             truths.append(truth)
+            if res["labels"] is not None:
+                pos = res["points"][res["labels"] == 1].round().long().clamp(0, size - 1)  # (P, 2) x, y
+                positives.append(len(pos))
+                if len(pos):
+                    inside.append(float(truth[pos[:, 1].numpy(), pos[:, 0].numpy()].mean()))
             kinds.append(r.kind)
             if len(cards) < args.sheet_examples:
                 inter = 0 if mask is None else int((mask & truth).sum())
@@ -57,6 +65,9 @@ def evaluate(model_dir: Path, args) -> dict:
                               "expression": r.expression, "answer": res["text"],
                               "iou": None if mask is None else (inter / union if union else 1.0)})
     ious = seg_scores(preds, truths, per_example=True)["ious"]
+    points = None if not positives else {  # does the similarity map point at the target? (READ only)
+        "positives_per_expression": sum(positives) / len(positives),
+        "positives_inside_target": sum(inside) / len(inside) if inside else None}
     examples = hashlib.sha256("\n".join(f"{r.index}\t{r.expression}" for r in refs).encode()).hexdigest()[:16]
     result = {"model": str(model_dir), "sasp": parts["seg"].get("sasp") is not None, **seg_scores(preds, truths),
               "by_kind": {k: seg_scores([p for p, kk in zip(preds, kinds, strict=True) if kk == k],
@@ -69,6 +80,7 @@ def evaluate(model_dir: Path, args) -> dict:
                     note=f"gIoU {100 * result['gIoU']:.1f}%, cIoU {100 * result['cIoU']:.1f}% over {result['examples']} "
                          "expressions; red: prediction, green outline: truth, rings: SAM points (white +, black -)")
         result["sheet"] = str(sheet)
+    result["sasp_points"] = points
     result["examples_sha"] = examples  # the expressions scored, so reports can be paired later
     result["ious"] = ious  # per expression, in order
     return result
@@ -127,6 +139,11 @@ def main(argv=None) -> list[dict]:
         kinds = " | ".join(f"{100 * v['gIoU']:.1f}" for v in r["by_kind"].values())
         print(f"| {r['model']} | {'yes' if r['sasp'] else 'no'} | {100 * r['gIoU']:.1f} | {100 * r['cIoU']:.1f} | "
               f"{r['no_mask']} | {kinds} |")
+        if r.get("sasp_points"):
+            pts = r["sasp_points"]
+            share = "-" if pts["positives_inside_target"] is None else f"{100 * pts['positives_inside_target']:.1f}%"
+            print(f"  {r['model']}: {pts['positives_per_expression']:.1f} positive SasP points per expression, "
+                  f"{share} of them inside the target")
     if len(results) > 1:
         from mmkit.eval.paired import format_paired
 
