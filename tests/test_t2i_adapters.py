@@ -104,11 +104,13 @@ def test_binding_and_concept_evaluations_run_on_the_adapters(folder, tmp_path):
         ["--max_train_steps", "1", "--output_dir", str(tmp_path / "wiclp"), f"model.pipeline={folder}", *SMALL])
     report = _recipe("eval").main(
         ["--model", str(folder), "--objects", "2", "--prompts", "2", "--judge-scenes", "2", "--steps", "2",
+         "--grids", str(tmp_path / "binding"),  # adapter paths in the variant names become flat file names
          "--variants", f"--text-projection {projection}", f"--text-projection {projection} --switch-off 600"])
     assert report["world"]["min_objects"] == report["world"]["max_objects"] == 2
     assert all(row["relation_n"] == 2 for row in report["variants"].values())  # every prompt binds two objects
     paired = [row["paired_vs_base"] for name, row in report["variants"].items() if name != "base"]
     assert len(paired) == 2 and all(p[m]["examples"] == 2 for p in paired for m in ("all", "objects"))
+    assert len(list((tmp_path / "binding").glob("*.png"))) == 3
     concept = _recipe("train_concept").main(
         ["--max_train_steps", "1", "--output_dir", str(tmp_path / "neti"), f"model.pipeline={folder}",
          "data.num_images=1", *SMALL])

@@ -130,7 +130,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         results[name] = row
         if args.grids is not None:
             args.grids.mkdir(parents=True, exist_ok=True)
-            slug = name.replace("--", "").replace(" ", "_") or "base"
+            # a file name from the flags (adapter paths hold '/'): letters, digits, '-' and '_' only
+            slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.replace("--", "")).strip("_") or "base"
             image_grid(torch.stack(images[name][:64]), cols=8).save(args.grids / f"{slug}.png")
     return {
         "model": str(args.model or _default_model()),
