@@ -64,12 +64,13 @@ def evaluate(model_dir: Path, args) -> dict:
                                                res["points"], res["labels"], size),
                               "expression": r.expression, "answer": res["text"],
                               "iou": None if mask is None else (inter / union if union else 1.0)})
-    ious = seg_scores(preds, truths, per_example=True)["ious"]
+    scores = seg_scores(preds, truths, per_example=True)
+    ious = scores.pop("ious")
     points = None if not positives else {  # does the similarity map point at the target? (READ only)
         "positives_per_expression": sum(positives) / len(positives),
         "positives_inside_target": sum(inside) / len(inside) if inside else None}
     examples = hashlib.sha256("\n".join(f"{r.index}\t{r.expression}" for r in refs).encode()).hexdigest()[:16]
-    result = {"model": str(model_dir), "sasp": parts["seg"].get("sasp") is not None, **seg_scores(preds, truths),
+    result = {"model": str(model_dir), "sasp": parts["seg"].get("sasp") is not None, **scores,
               "by_kind": {k: seg_scores([p for p, kk in zip(preds, kinds, strict=True) if kk == k],
                                         [t for t, kk in zip(truths, kinds, strict=True) if kk == k])
                           for k in sorted(set(kinds))}}
