@@ -12,7 +12,7 @@ from mmkit.models import VisionLanguageModel
 from mmkit.testing import tiny_llama, tiny_sam, tiny_tokenizer
 
 GRID = 4  # 16 image tokens
-POINTS = SasPConfig(num_points=6)
+POINTS = SasPConfig(num_points=6, grid_view="image")  # these models have no encoder to say where its grid lies
 
 
 def build(sasp: SasPConfig | None = POINTS, seed: int = 0, **cfg) -> ReadModel:
@@ -81,7 +81,7 @@ def test_forward_gives_losses_and_only_adapters_train():
 
 
 def test_mask_loss_reaches_the_llm_through_dtoc_and_the_seg_prompt():
-    for sasp in (SasPConfig(num_points=6), None):
+    for sasp in (POINTS, None):
         model = build(sasp=sasp, lora_r=0)
         features, prompts, targets, sam_embeddings, masks = batch()
         out = model(features, prompts, targets, sam_embeddings, masks)
@@ -101,6 +101,50 @@ def test_seg_only_baseline_is_the_same_model_without_points():
     assert not torch.allclose(a.mask_logits, b.mask_logits)  # the points change the decoder's input
 
 
+def test_segment_without_points_is_the_seg_only_decode_of_the_same_answer():
+    with_points, baseline = build(seed=1), build(sasp=None, seed=1)
+    baseline.load_state_dict(with_points.state_dict())
+    with_points.eval(), baseline.eval()
+    features, prompts, _, sam_embeddings, _ = batch()
+    torch.manual_seed(0)
+    both = with_points.segment(features, prompts, sam_embeddings, (48, 48), max_new_tokens=4, without_points=True)
+    bare = baseline.segment(features, prompts, sam_embeddings, (48, 48), max_new_tokens=4)
+    assert [r["text"] for r in both] == [r["text"] for r in bare]
+    for a, b in zip(both, bare, strict=True):
+        if b["mask"] is None:
+            assert a["mask_without_points"] is None
+        else:  # the ablation is exactly the <SEG>-only decode; the points change the mask
+            assert torch.equal(a["mask_without_points"], b["mask"])
+    assert "mask_without_points" not in with_points.segment(features, prompts, sam_embeddings, (48, 48),
+                                                            max_new_tokens=4)[0]
+
+
+def test_the_grid_follows_the_encoders_crop():
+    from mmkit.encoders import load_encoder
+
+    on_image = build(seed=3)
+    on_crop = build(sasp=SasPConfig(num_points=6), seed=3)
+    on_crop.load_state_dict(on_image.state_dict())
+    features, prompts, targets, sam_embeddings, masks = batch()
+    with pytest.raises(ValueError, match="has no encoder"):  # no encoder, no boxes: said, not guessed
+        on_crop(features, prompts, targets, sam_embeddings, masks)
+    side = 48  # tiny SAM's frame
+    whole = torch.tensor([[0.0, 0.0, side, side]] * 2)
+    a = on_image(features, prompts, targets, sam_embeddings, masks)
+    b = on_crop(features, prompts, targets, sam_embeddings, masks, grid_boxes=whole)
+    torch.testing.assert_close(b.coords, a.coords)  # the whole frame as the box: the old placement
+    torch.testing.assert_close(b.mask_logits, a.mask_logits)
+    crop = torch.tensor([[6.0, 6.0, 42.0, 42.0]] * 2)  # 87.5% in the middle
+    c = on_crop(features, prompts, targets, sam_embeddings, masks, grid_boxes=crop)
+    real = c.labels != PADDING
+    assert real.any() and ((c.coords[real] >= 5.5) & (c.coords[real] <= 41.5)).all()  # every point on the crop
+    assert not torch.allclose(c.coords[real], a.coords[real])
+    # with an encoder the model finds the boxes itself: timm's centre crop of a square photo
+    on_crop.vlm.encoder = load_encoder("timm:tf_efficientnet_lite0@none", token_grid=3)
+    boxes = on_crop.grid_boxes(None, 2)
+    torch.testing.assert_close(boxes, torch.tensor([[3.0, 3.0, 45.0, 45.0]] * 2), atol=0.5, rtol=0)
+
+
 def test_empty_masks_and_answers_without_seg():
     model = build()
     features, prompts, targets, sam_embeddings, masks = batch()
@@ -114,7 +158,7 @@ def test_empty_masks_and_answers_without_seg():
     results = model.segment(features, prompts, sam_embeddings, (48, 48), max_new_tokens=4)
     assert len(results) == 2
     for r in results:
-        assert set(r) == {"text", "mask", "points", "labels"}
+        assert set(r) == {"text", "mask", "points", "labels", "similarity"}
         if model.config.seg_token not in r["text"]:
             assert r["mask"] is None  # "no mask", not a crash
         else:

@@ -14,6 +14,7 @@ from mmkit.heads.sasp import (
     POSITIVE,
     SasPConfig,
     cell_centres,
+    dense_map,
     discrete_to_continuous,
     min_max,
     normalised_map,
@@ -89,6 +90,37 @@ def test_cell_centres_map_grid_cells_to_pixels():
     index = torch.tensor([[0, 5, 11]])  # grid 3 x 4: (0, 0), (1, 1), (2, 3)
     xy = cell_centres(index, (3, 4), (30, 40))
     assert xy.tolist() == [[[4.5, 4.5], [14.5, 14.5], [34.5, 24.5]]]  # pixel-index convention (SAM adds 0.5)
+
+
+def test_a_box_puts_the_grid_on_the_encoders_crop():
+    index = torch.tensor([[0, 5, 11]])
+    full = torch.tensor([[0.0, 0.0, 40.0, 30.0]])
+    assert torch.equal(cell_centres(index, (3, 4), (30, 40), full), cell_centres(index, (3, 4), (30, 40)))
+    xy = cell_centres(index, (3, 4), (30, 40), torch.tensor([[8.0, 6.0, 32.0, 24.0]]))  # 6 x 6 pixel cells
+    assert xy.tolist() == [[[10.5, 8.5], [16.5, 14.5], [28.5, 20.5]]]
+
+
+def test_dense_map_resizes_onto_the_box_and_zeroes_the_rest():
+    torch.manual_seed(3)
+    norm = torch.rand(2, 3, 4, dtype=torch.float64)
+    plain = dense_map(norm, (30, 40), (30, 40))
+    whole = dense_map(norm, (30, 40), (30, 40), torch.tensor([[0.0, 0.0, 40.0, 30.0]] * 2, dtype=torch.float64))
+    torch.testing.assert_close(whole, plain)  # the whole image as the box: plain bilinear resizing
+    box = torch.tensor([[8.0, 6.0, 32.0, 24.0], [0.0, 3.0, 20.0, 15.0]], dtype=torch.float64)
+    got = dense_map(norm, (30, 40), (30, 40), box)
+    for b, (x0, y0, x1, y1) in enumerate(box.long().tolist()):
+        inner = torch.nn.functional.interpolate(norm[b:b + 1, None], size=(y1 - y0, x1 - x0), mode="bilinear",
+                                                align_corners=False)[0, 0]
+        torch.testing.assert_close(got[b, y0:y1, x0:x1], inner)
+        outside = torch.ones(30, 40, dtype=torch.bool)
+        outside[y0:y1, x0:x1] = False
+        assert (got[b][outside] == 0).all()
+    # the points follow the box: the map's maximum cell becomes the first positive, inside the box
+    seg, img = torch.zeros(1, 4), torch.zeros(1, 12, 4)
+    seg[0, 0], img[0, 7, 0] = 1.0, 5.0  # cell (1, 3) of the 3 x 4 grid
+    coords, labels = sasp_points(seg, img, grid=(3, 4), image_size=(30, 40), box=box[:1].float(),
+                                 config=SasPConfig(down_sample=1, num_points=4, dtoc=False))
+    assert labels[0, 0] == POSITIVE and coords[0, 0].tolist() == [28.5, 14.5]
 
 
 def test_dtoc_equals_the_direct_windowed_softmax_mean():

@@ -48,12 +48,17 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
     out = tmp_path / "eval.json"
     done = run("eval.py", ["--models", str(tmp_path / "run" / "final"), "--size", "2", "--option", "render_size=30",
                            "--feature-cache", str(tmp_path / "f"), "--json", str(out), "--sheet",
-                           str(tmp_path / "sheet.html"), "--sheet-examples", "2"], tmp_path)
+                           str(tmp_path / "sheet.html"), "--sheet-examples", "2", "--ablate-points"], tmp_path)
     result = json.loads(out.read_text())[0]
     assert 0.0 <= result["gIoU"] <= 1.0 and result["examples"] >= 2 and result["sasp"] == (sasp != "null")
     if sasp == "null":
-        assert result["sasp_points"] is None  # no points without SasP
-    elif result["no_mask"] < result["examples"]:  # some answer segments: the map's maximum is a positive point
+        assert result["sasp_points"] is None and "without_points" not in result  # no points to drop
+    else:  # --ablate-points: the same expressions decoded without the points, paired with the full model
+        bare = result["without_points"]
+        assert 0.0 <= bare["gIoU"] <= 1.0 and bare["paired"]["examples"] == result["examples"]
+        assert abs(bare["paired"]["mean_diff"] - (result["gIoU"] - bare["gIoU"])) < 1e-9
+        assert "without its points" in done.stdout
+    if sasp != "null" and result["no_mask"] < result["examples"]:  # some answer segments: the map's maximum is a positive point
         share = result["sasp_points"]["positives_inside_target"]
         assert result["sasp_points"]["positives_per_expression"] >= 1 and 0.0 <= share <= 1.0
     assert Path(result["sheet"]).is_file() and "data:image/png;base64" in Path(result["sheet"]).read_text()

@@ -62,7 +62,11 @@ def test_tiny_video_qa_recipe_trains_resumes_and_evaluates(tiny_parts, tmp_path)
     assert len(result["vqa_per_question"]) == result["vqa"]["num_questions"]
     assert "VQA acc, run/final minus run/final: +0.0 points" in done.stdout  # the same model twice, paired
     again = run("eval.py", ["--compare", str(out), str(out)], tmp_path)  # pairing earlier reports
-    assert again.stdout.count("minus run/final: +0.0 points") == 3  # 2 connectors per report: 3 against the first
+    assert again.stdout.count("VQA acc, run/final minus run/final: +0.0 points") == 3  # 2 per report: 3 vs the first
+    kinds = result["vqa_question_kinds"]  # and per kind of question, on the same questions
+    assert len(kinds) == len(result["vqa_per_question"]) and len(set(kinds)) > 1
+    for kind in set(kinds):
+        assert again.stdout.count(f"  {kind}, run/final minus run/final: +0.0 points") == 3
     # the command line on a video file written from a held-out clip
     from mmkit.data.clips import ClipConfig, clip_audio, clip_frames, sample_clip
     from mmkit.data.media import write_video

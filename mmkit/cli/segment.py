@@ -51,7 +51,8 @@ def _run(args: argparse.Namespace) -> int:
         side = int(round(tokens.shape[1] ** 0.5))
         emb = tokens.transpose(1, 2).reshape(1, -1, side, side)
         size = int(model.sam.config.prompt_encoder_config.image_size)
-        (result,) = model.segment(features, [prompt], emb, (image.height, image.width))  # logits up-scaled to the photo
+        (result,) = model.segment(features, [prompt], emb, (image.height, image.width),  # logits up-scaled to the photo
+                                  image_sizes=[image.size])
     record = {"image": str(args.image), "expression": args.expression, "answer": result["text"]}
     if result["mask"] is None:
         record["mask"] = None

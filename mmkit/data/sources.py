@@ -98,6 +98,10 @@ class DataSource:
         """Image i as a PIL image."""
         raise NotImplementedError
 
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of image i (sources that know it without decoding override this)."""
+        return tuple(self.image(i).size)
+
     def references(self, i: int) -> list[str]:
         """Every reference caption of image i (CIDEr); [] when the source has none."""
         return []
@@ -180,6 +184,9 @@ class ShapesWorldSource(DataSource):
         from .shapes import render_scene
 
         return render_scene(self.dataset.scene(i), self.options.render_size)
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return (self.options.render_size, self.options.render_size)
 
     def references(self, i: int) -> list[str]:
         from .shapes_language import captions

@@ -156,6 +156,32 @@ class VisionEncoder(nn.Module):
     def _preprocess_rgb(self, images: list[Image.Image]) -> torch.Tensor:
         raise NotImplementedError
 
+    def view_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The part of a ``width`` x ``height`` image that ``preprocess`` keeps, as (x0, y0, x1, y1) in the
+        image's pixels (pixel i spans [i, i + 1)): what the token grid covers (e.g. timm's centre crop keeps
+        the middle 87.5%; CLIP's the middle square). Measured, not read from a config, so it holds for every
+        backend: colour ramps along x and y go through ``preprocess`` and black / white images undo its
+        per-channel normalisation. Accurate to about 1/256 of the side (8-bit ramps); cached per size."""
+        import numpy as np
+        from PIL import Image
+
+        cache = self.__dict__.setdefault("_view_boxes", {})
+        if (width, height) not in cache:
+            x = np.broadcast_to(np.linspace(0.0, 255.0, width)[None, :], (height, width))
+            y = np.broadcast_to(np.linspace(0.0, 255.0, height)[:, None], (height, width))
+            ramp = Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).round().astype(np.uint8))
+            black, white, seen = self._preprocess_rgb([Image.new("RGB", (width, height), c) for c in
+                                                       ((0, 0, 0), (255, 255, 255))] + [ramp]).double()
+            u = (seen[0] - black[0]) / (white[0] - black[0]) * (width - 1)  # (h, w): source x of each pixel centre
+            v = (seen[1] - black[1]) / (white[1] - black[1]) * (height - 1)
+            first_x, last_x = float(u[:, 0].median()), float(u[:, -1].median())
+            first_y, last_y = float(v[0].median()), float(v[-1].median())
+            half_x = (last_x - first_x) / max(u.shape[1] - 1, 1) / 2  # half an output pixel, in source pixels
+            half_y = (last_y - first_y) / max(v.shape[0] - 1, 1) / 2
+            cache[width, height] = (max(first_x + 0.5 - half_x, 0.0), max(first_y + 0.5 - half_y, 0.0),
+                                    min(last_x + 0.5 + half_x, float(width)), min(last_y + 0.5 + half_y, float(height)))
+        return cache[width, height]
+
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
         """pixel_values (B, 3, H, W) as made by ``preprocess`` -> EncoderOutput (tokens (B, N, D), pooled (B, D))."""
         raise NotImplementedError

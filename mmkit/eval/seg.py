@@ -38,6 +38,43 @@ def seg_scores(preds: list[np.ndarray | None], truths: list[np.ndarray], per_exa
     return scores
 
 
+def map_auc(scores, truth, box=None) -> float | None:
+    """How well a coarse score map ranks the target's pixels above the rest: the probability that a random
+    target pixel's cell scores higher than a random background pixel's (ties count half), with the (h, w)
+    map laid over the (H, W) bool truth cell by cell (over its ``box`` x0, y0, x1, y1 in the truth's pixels,
+    e.g. the encoder's crop; None: all of it). 0.5 is a map that says nothing about the target; None when the
+    truth is empty or covers everything."""
+    scores = np.asarray(scores, dtype=np.float64)
+    truth = np.asarray(truth, dtype=bool)
+    if box is not None:
+        x0, y0, x1, y1 = (int(round(float(c))) for c in box)
+        truth = truth[max(y0, 0):y1, max(x0, 0):x1]
+    h, w = scores.shape
+    height, width = truth.shape
+    rows = np.minimum(np.arange(height) * h // height, h - 1)  # each pixel's cell
+    cols = np.minimum(np.arange(width) * w // width, w - 1)
+    cell = (rows[:, None] * w + cols[None, :]).reshape(-1)
+    target = np.bincount(cell, weights=truth.reshape(-1), minlength=h * w)  # target pixels per cell
+    background = np.bincount(cell, minlength=h * w) - target
+    if target.sum() == 0 or background.sum() == 0:
+        return None
+    flat = scores.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    flat, target, background = flat[order], target[order], background[order]
+    wins = 0.0  # sum over target pixels of the background pixels strictly below (+ half the equal ones)
+    below = 0.0
+    start = 0
+    while start < len(flat):  # groups of equal scores
+        stop = start + 1
+        while stop < len(flat) and flat[stop] == flat[start]:
+            stop += 1
+        t, b = target[start:stop].sum(), background[start:stop].sum()
+        wins += t * (below + 0.5 * b)
+        below += b
+        start = stop
+    return float(wins / (target.sum() * background.sum()))
+
+
 def overlay(image: Image.Image, mask: np.ndarray | None, truth: np.ndarray | None = None,
             points=None, labels=None, point_frame: int | None = None) -> Image.Image:
     """The image with the predicted mask in red, the ground truth's outline in green, and SAM's points (white

@@ -101,6 +101,7 @@ def evaluate_connector(
         results["vqa"]["num_questions"] = len(questions)
         # per question, in order, with a fingerprint of the questions: reports pair up later (mmkit.eval.paired)
         results["vqa_per_question"] = list(per_kind["overall"])
+        results["vqa_question_kinds"] = [q.kind for _, q in questions]  # for paired differences per kind
         results["vqa_questions_sha"] = hashlib.sha256("\n".join(
             f"{i}\t{q.question}\t{q.answers[0]}" for i, q in questions).encode()).hexdigest()[:16]
         timings["vqa_s"] = time.perf_counter() - t0
@@ -173,9 +174,16 @@ def paired_vqa_lines(results: Sequence[dict]) -> list[str]:
             lines.append(f"{connector_label(r['connector'])}: other questions than {connector_label(base['connector'])}, "
                          "not paired")
             continue
+        name = f"{connector_label(r['connector'])} minus {connector_label(base['connector'])}"
         diff = paired_difference(base["vqa_per_question"], r["vqa_per_question"])
-        lines.append(format_paired(f"VQA acc, {connector_label(r['connector'])} minus "
-                                   f"{connector_label(base['connector'])}", diff))
+        lines.append(format_paired(f"VQA acc, {name}", diff))
+        kinds = base.get("vqa_question_kinds")
+        if kinds and len(set(kinds)) > 1:  # the same questions, so the same kinds, in order
+            for kind in sorted(set(kinds)):
+                pick = [j for j, k in enumerate(kinds) if k == kind]
+                diff = paired_difference([base["vqa_per_question"][j] for j in pick],
+                                         [r["vqa_per_question"][j] for j in pick])
+                lines.append("  " + format_paired(f"{kind}, {name}", diff))
     return lines
 
 

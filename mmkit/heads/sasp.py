@@ -10,7 +10,8 @@ prompts for SAM.
    neutral cells in grid order with label -1 (SAM's "not a point"); the first ``num_points`` (30) are kept.
    Padding cells (``valid`` False, e.g. outside a non-square image) are never chosen; when there are fewer
    usable cells than points, the rest are SAM padding points (label -10, no embedding).
-4. ``cell_centres``: grid cells -> pixel coordinates (x, y) in the image SAM sees.
+4. ``cell_centres``: grid cells -> pixel coordinates (x, y) in the image SAM sees; with a ``box``, the grid
+   covers only that part of it (the encoder's crop, e.g. timm's centre 87.5% or CLIP's middle square).
 5. ``discrete_to_continuous`` (DtoC): each point moves to the softmax(S)-weighted, Gaussian-windowed mean
    position around it on the full-resolution map, so the mask loss reaches the similarity map (and the
    hidden states behind it). The official code uses the min-max normalised map bilinearly up-sampled to
@@ -49,6 +50,10 @@ class SasPConfig(StrictConfig):
     dtoc: bool = True
     dtoc_sigma: float = 1 / math.sqrt(2)  # Gaussian window in pixels of the DtoC map: exp(-d^2 / (2 sigma^2))
     dtoc_size: int | None = None  # side of the DtoC map; None: the image SAM sees (the official choice)
+    # where the token grid lies in SAM's frame: "encoder": on the part of the photo the encoder keeps (its
+    # centre crop, VisionEncoder.view_box; the official code likewise undoes CLIP's crop); "image": on all of
+    # SAM's square frame (what mmkit did before 2026-11-30, off by the crop margin)
+    grid_view: str = "encoder"
 
     def __post_init__(self) -> None:
         if self.down_sample < 1:
@@ -60,6 +65,8 @@ class SasPConfig(StrictConfig):
             raise ValueError(f"SasPConfig.num_points must be >= 1, got {self.num_points}")
         if self.dtoc_sigma <= 0:
             raise ValueError(f"SasPConfig.dtoc_sigma must be > 0, got {self.dtoc_sigma}")
+        if self.grid_view not in ("encoder", "image"):
+            raise ValueError(f"SasPConfig.grid_view must be 'encoder' or 'image', got {self.grid_view!r}")
         if self.dtoc_size is not None and self.dtoc_size < 1:
             raise ValueError(f"SasPConfig.dtoc_size must be >= 1 or None, got {self.dtoc_size}")
 
@@ -130,14 +137,40 @@ def select_points(norm: Tensor, config: SasPConfig, valid: Tensor | None = None)
     return index, labels
 
 
-def cell_centres(index: Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
+def cell_centres(index: Tensor, grid: tuple[int, int], image_size: tuple[int, int],
+                 box: Tensor | None = None) -> Tensor:
     """Cell indices (B, P) of an (h, w) grid -> the cells' centres (B, P, 2) as (x, y) in an (H, W) image, in
-    SAM's pixel-index convention (pixel i spans [i, i + 1) and SAM's prompt encoder adds the 0.5 itself)."""
+    SAM's pixel-index convention (pixel i spans [i, i + 1) and SAM's prompt encoder adds the 0.5 itself).
+    ``box``: (B, 4) x0, y0, x1, y1 in those pixels, the part of the image the grid covers (the encoder's
+    crop, :meth:`~mmkit.encoders.VisionEncoder.view_box`); None: the whole image."""
     h, w = grid
     height, width = image_size
-    x = ((index % w).float() + 0.5) * (width / w) - 0.5
-    y = ((index // w).float() + 0.5) * (height / h) - 0.5
+    if box is None:
+        box = torch.tensor([0.0, 0.0, float(width), float(height)], device=index.device).expand(index.shape[0], 4)
+    box = box.to(device=index.device, dtype=torch.float32)
+    x0, y0, x1, y1 = (box[:, i, None] for i in range(4))  # (B, 1) each
+    x = x0 + ((index % w).float() + 0.5) * ((x1 - x0) / w) - 0.5
+    y = y0 + ((index // w).float() + 0.5) * ((y1 - y0) / h) - 0.5
     return torch.stack([x.clamp(0, width - 1), y.clamp(0, height - 1)], dim=-1)
+
+
+def dense_map(norm: Tensor, size: tuple[int, int], image_size: tuple[int, int], box: Tensor | None = None) -> Tensor:
+    """DtoC's full-resolution map: (B, h, w) in [0, 1] -> (B, Hd, Wd) laid over the (H, W) image. Without a
+    ``box`` a bilinear resize (``align_corners=False``); with one, (B, 4) in image pixels, the map is resized
+    onto the box and the rest is zero, as the official code zero-pads the crop back to the image."""
+    if box is None:
+        return F.interpolate(norm[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    hd, wd = size
+    height, width = image_size
+    box = box.to(device=norm.device, dtype=norm.dtype)
+    px = (torch.arange(wd, device=norm.device, dtype=norm.dtype) + 0.5) * (width / wd)  # map pixel centres, image px
+    py = (torch.arange(hd, device=norm.device, dtype=norm.dtype) + 0.5) * (height / hd)
+    gx = (px - box[:, 0, None]) / (box[:, 2, None] - box[:, 0, None]) * 2 - 1  # (B, Wd) in the box's [-1, 1]
+    gy = (py - box[:, 1, None]) / (box[:, 3, None] - box[:, 1, None]) * 2 - 1  # (B, Hd)
+    grid = torch.stack([gx[:, None, :].expand(-1, hd, -1), gy[:, :, None].expand(-1, -1, wd)], dim=-1)
+    sampled = F.grid_sample(norm[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
+    inside = (gx.abs() <= 1)[:, None, :] & (gy.abs() <= 1)[:, :, None]  # (B, Hd, Wd)
+    return sampled * inside.to(sampled.dtype)
 
 
 def discrete_to_continuous(points: Tensor, dense: Tensor, sigma: float, image_size: tuple[int, int]) -> Tensor:
@@ -174,20 +207,23 @@ def sasp_points(
     image_size: tuple[int, int],
     config: SasPConfig,
     valid: Tensor | None = None,
+    box: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The whole SasP step: (B, D) ``<SEG>`` states and (B, h * w, D) image states -> SAM point prompts.
 
     Returns coordinates (B, P, 2) pixel (x, y) in the (H, W) image SAM sees (differentiable through DtoC) and
     labels (B, P) long. ``valid``: optional (B, h', w') bool on the down-sampled grid (False: padding cell).
+    ``box``: optional (B, 4) x0, y0, x1, y1 in those pixels: the part of the image the token grid covers (an
+    encoder's centre crop; SAM's padding of a non-square photo); None: all of it.
     """
     sim = similarity_map(seg_state, image_states, grid).float()  # (B, h, w)
     norm = normalised_map(sim, config.down_sample)
     index, labels = select_points(norm.detach(), config, valid)
-    coords = cell_centres(index, tuple(norm.shape[-2:]), image_size)
+    coords = cell_centres(index, tuple(norm.shape[-2:]), image_size, box)
     if config.dtoc:
         side = config.dtoc_size
         size = image_size if side is None else (side, side)
-        dense = F.interpolate(min_max(sim)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        dense = dense_map(min_max(sim), size, image_size, box)
         moved = discrete_to_continuous(coords, dense, config.dtoc_sigma, image_size)
         coords = torch.where((labels == PADDING)[..., None], coords, moved)
     return coords, labels

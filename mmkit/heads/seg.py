@@ -31,7 +31,7 @@ from ..adapters import Adapter, AdapterConfig, register_adapter
 from ..config import StrictConfig
 from ..llm.frozen import LMOutput, LoRASpec
 from .sam_prompt import decode_masks, load_sam, sam_input_size, upscale_masks
-from .sasp import PADDING, SasPConfig, sasp_points
+from .sasp import PADDING, SasPConfig, sasp_points, similarity_map
 
 SEG_TOKEN = "<SEG>"
 
@@ -152,6 +152,20 @@ class SegOutput:
     found: Tensor  # (B,) bool: the answer held <SEG>
 
 
+def view_boxes(encoder, image_sizes: Sequence[tuple[int, int]] | None, batch: int, side: int) -> Tensor:
+    """(B, 4) x0, y0, x1, y1: the part of each photo the encoder keeps (:meth:`VisionEncoder.view_box`), in
+    SAM's ``side`` x ``side`` input frame (mmkit resizes a photo to that square for SAM, and its masks with it).
+    ``image_sizes``: (width, height) per photo; None: square photos."""
+    sizes = [(side, side)] * batch if image_sizes is None else [(int(w), int(h)) for w, h in image_sizes]
+    if len(sizes) != batch:
+        raise ValueError(f"{len(sizes)} image sizes for a batch of {batch}")
+    boxes = []
+    for w, h in sizes:
+        x0, y0, x1, y1 = encoder.view_box(w, h)
+        boxes.append([x0 * side / w, y0 * side / h, x1 * side / w, y1 * side / h])
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
 class ReadModel(nn.Module):
     """VLM + ``<SEG>`` head + SAM. ``vlm``: a :class:`~mmkit.models.VisionLanguageModel`; ``sam``: a
     transformers ``SamModel`` (its image encoder stays frozen; image embeddings are computed outside, once)."""
@@ -207,6 +221,13 @@ class ReadModel(nn.Module):
         order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :num_tokens]
         return out.hidden_states.gather(1, order[..., None].expand(-1, -1, out.hidden_states.shape[-1]))
 
+    def similarity(self, out: LMOutput, num_tokens: int) -> Tensor:
+        """SasP's raw map, ``<SEG>`` state . image states on the token grid: (B, h, w). Defined for the
+        ``<SEG>``-only baseline too (READ's premise is that such a model's map already marks the target)."""
+        seg, _ = self.seg_states(out)
+        image = self.image_states(out, num_tokens).float()
+        return similarity_map(seg.float(), image, self.grid(image.shape[1]))
+
     def grid(self, num_tokens: int) -> tuple[int, int]:
         if self.config.grid is not None:
             if self.config.grid[0] * self.config.grid[1] != num_tokens:
@@ -217,17 +238,35 @@ class ReadModel(nn.Module):
             raise ValueError(f"{num_tokens} image tokens are not a square grid; set SegConfig.grid=(rows, cols)")
         return side, side
 
-    def prompts_for(self, out: LMOutput, num_tokens: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    def grid_boxes(self, image_sizes: Sequence[tuple[int, int]] | None, batch: int) -> Tensor:
+        """Where each photo's token grid lies in SAM's square input frame: (B, 4) x0, y0, x1, y1 (the encoder
+        sees its ``view_box`` of the photo; SAM sees all of it, resized to the square). ``image_sizes``:
+        (width, height) per photo; None: square photos. Needs ``vlm.encoder``."""
+        encoder = self.vlm.encoder
+        if encoder is None:
+            raise ValueError("SasP's grid_view='encoder' places the token grid on the encoder's crop of the photo, "
+                             "and this model has no encoder: load it with one, pass grid_boxes, or use "
+                             "SasPConfig(grid_view='image')")
+        return view_boxes(encoder, image_sizes, batch, sam_input_size(self.sam))
+
+    def prompts_for(self, out: LMOutput, num_tokens: int, grid_boxes: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """SAM prompts from one LLM pass with ``num_tokens`` image tokens per sample: the ``<SEG>`` prompt
-        (B, 256), ``found`` (B,), points (B, P, 2) and labels (B, P) (None without SasP)."""
+        (B, 256), ``found`` (B,), points (B, P, 2) and labels (B, P) (None without SasP). ``grid_boxes``:
+        (B, 4) where the token grid lies in SAM's frame (:func:`view_boxes`); None: from ``vlm.encoder`` for
+        square photos (``grid_view='encoder'``)."""
         seg, found = self.seg_states(out)
         extra = self.head(seg.float())
         coords = labels = None
         if self.config.sasp is not None:
             image = self.image_states(out, num_tokens).float()
             size = sam_input_size(self.sam)
+            box = None
+            if self.config.sasp.grid_view == "encoder":
+                box = self.grid_boxes(None, image.shape[0]) if grid_boxes is None else grid_boxes
+                box = box.to(image.device)
             coords, labels = sasp_points(seg.float(), image, grid=self.grid(image.shape[1]), image_size=(size, size),
-                                         config=self.config.sasp)
+                                         config=self.config.sasp, box=box)
             labels = torch.where(found[:, None], labels, torch.full_like(labels, PADDING))
         return extra, found, coords, labels
 
@@ -249,16 +288,18 @@ class ReadModel(nn.Module):
         masks: Tensor,
         *,
         feature_mask: Tensor | None = None,
+        grid_boxes: Tensor | None = None,
     ) -> SegOutput:
         """features (B, N, Dv) encoder tokens; targets hold ``<SEG>``; sam_embeddings (B, C, s, s) from SAM's
-        frozen image encoder; masks (B, H, W) {0, 1} ground truth. Samples whose target lacks ``<SEG>`` add
-        only CE."""
+        frozen image encoder; masks (B, H, W) {0, 1} ground truth; grid_boxes (B, 4): where the token grid
+        lies in SAM's frame (:func:`view_boxes`, for training on cached features without the encoder).
+        Samples whose target lacks ``<SEG>`` add only CE."""
         cfg = self.config
         embeds = self._grid_embeds(features, feature_mask)
         llm = self.vlm.llm
         batch = llm.build_batch(prompts, embeds.shape[1], targets).to(llm.device)
         out = llm(batch, embeds)
-        extra, found, coords, labels = self.prompts_for(out, embeds.shape[1])
+        extra, found, coords, labels = self.prompts_for(out, embeds.shape[1], grid_boxes)
         logits, _ = decode_masks(self.sam, sam_embeddings, coords, labels, extra=extra)
         logits = upscale_masks(logits, tuple(masks.shape[-2:]))[:, 0]  # (B, H, W)
         target = masks.to(logits.dtype)
@@ -334,9 +375,15 @@ class ReadModel(nn.Module):
         *,
         max_new_tokens: int = 16,
         feature_mask: Tensor | None = None,
+        without_points: bool = False,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> list[dict]:
         """Answer each prompt, then segment: one dict per sample with ``text``, ``mask`` ((H, W) bool, or None
-        when the answer holds no ``<SEG>``: "no mask"), and the SAM ``points`` / ``labels`` used."""
+        when the answer holds no ``<SEG>``: "no mask"), the SAM ``points`` / ``labels`` used, and SasP's raw
+        ``similarity`` map (h, w) of the ``<SEG>`` state (None without ``<SEG>``). ``image_sizes``: the photos'
+        (width, height) (None: square). ``without_points``: also decode from the ``<SEG>`` prompt alone (SasP's
+        points dropped, the same answer and states) into ``mask_without_points``: an ablation of what the points
+        add (only SAM's decoder again)."""
         llm = self.vlm.llm
         embeds = self._grid_embeds(features, feature_mask)
         batch = llm.build_batch(prompts, embeds.shape[1]).to(llm.device)
@@ -346,9 +393,17 @@ class ReadModel(nn.Module):
         # one teacher-forced pass over prompt + answer gives the states (the same as training reads them)
         full = llm.build_batch(prompts, embeds.shape[1], answers).to(llm.device)
         out = llm(full, embeds)
-        extra, found, coords, labels = self.prompts_for(out, embeds.shape[1])
+        boxes = None
+        if self.config.sasp is not None and self.config.sasp.grid_view == "encoder":
+            boxes = self.grid_boxes(image_sizes, embeds.shape[0])
+        extra, found, coords, labels = self.prompts_for(out, embeds.shape[1], boxes)
+        sim = self.similarity(out, embeds.shape[1])
         logits, _ = decode_masks(self.sam, sam_embeddings, coords, labels, extra=extra)
         masks = upscale_masks(logits, size)[:, 0] > 0
+        bare = None
+        if without_points:
+            bare_logits, _ = decode_masks(self.sam, sam_embeddings, None, None, extra=extra)
+            bare = upscale_masks(bare_logits, size)[:, 0] > 0
         results = []
         for i, text in enumerate(answers):
             has = bool(found[i])
@@ -357,7 +412,10 @@ class ReadModel(nn.Module):
                 "mask": masks[i].cpu() if has else None,
                 "points": None if coords is None or not has else coords[i].cpu(),
                 "labels": None if labels is None or not has else labels[i].cpu(),
+                "similarity": sim[i].cpu() if has else None,
             })
+            if bare is not None:
+                results[-1]["mask_without_points"] = bare[i].cpu() if has else None
         return results
 
 

@@ -142,6 +142,8 @@ class SegTask(TrainingTask):
         self.mask_size = int(sam.config.prompt_encoder_config.image_size)
         torch.manual_seed(tc.seed)
         self.model = build_read(cfg, encoder, llm, sam)
+        self._boxes: dict[tuple[int, int], list[float]] = {}  # SasP's token grid in SAM's frame, per image size
+        self._encoder = encoder  # kept on the CPU for those boxes only (view_box runs its preprocessing)
         self.model.vlm.encoder = None  # features are cached; the encoder is named in the bundle
         self.encoder_meta = encoder_meta(cfg.model)
         self.model.to(loop.device)
@@ -174,10 +176,23 @@ class SegTask(TrainingTask):
             yield self.batch([self.examples[j] for j in order[first:first + bs]])
             start += 1
 
+    def grid_boxes(self, refs: list[Referral]) -> torch.Tensor:
+        """(B, 4): where each image's token grid lies in SAM's frame (the encoder's crop), cached per image size
+        (sources of one size, like ShapesWorld, need the encoder once)."""
+        from ..heads.seg import view_boxes
+
+        sizes = [self.source.image_size(r.index) for r in refs]
+        for size in set(sizes) - set(self._boxes):
+            self._boxes[size] = view_boxes(self._encoder, [size], 1, self.mask_size)[0].tolist()
+        return torch.tensor([self._boxes[s] for s in sizes])
+
     def batch(self, refs: list[Referral]) -> dict:
         idx = torch.tensor([r.index for r in refs])
         masks = np.stack([self.source.mask(r.index, r, self.mask_size) for r in refs])
+        sasp = self.cfg.model.seg.sasp
+        boxes = self.grid_boxes(refs) if sasp is not None and sasp.grid_view == "encoder" else None
         return {
+            "grid_boxes": boxes,
             "features": self.features[idx],
             "sam_embeddings": self.sam_embeddings[idx],
             "prompts": [self.cfg.model.seg_prompt.replace("{expression}", r.expression) for r in refs],
@@ -187,8 +202,10 @@ class SegTask(TrainingTask):
 
     def step(self, batch) -> dict[str, torch.Tensor]:
         device = self.loop.device
+        boxes = batch["grid_boxes"]
         out = self.module(batch["features"].to(device), batch["prompts"], batch["targets"],
-                          batch["sam_embeddings"].to(device), batch["masks"].to(device))
+                          batch["sam_embeddings"].to(device), batch["masks"].to(device),
+                          grid_boxes=None if boxes is None else boxes.to(device))
         return out.losses
 
     def _save(self, folder: Path) -> None:

@@ -1,5 +1,6 @@
 """Evaluate READ / <SEG>-only models on held-out referring expressions: gIoU, cIoU (overall and per kind) and
 an HTML sheet of mask overlays (prediction red, ground truth outlined green, SAM's points as rings).
+``--ablate-points`` also decodes READ models without SasP's points, to measure what the points add.
 
     python recipes/segment/eval.py --models outputs/segment-seg-only/final outputs/segment-read/final \\
         --split test --size 300 --json outputs/eval/segment.json --sheet outputs/eval/segment.html
@@ -22,8 +23,8 @@ from mmkit.cli import run_guarded
 def evaluate(model_dir: Path, args) -> dict:
     from mmkit.data.features import source_features
     from mmkit.data.sources import DataConfig, open_source
-    from mmkit.eval.seg import overlay, seg_scores, write_sheet
-    from mmkit.heads.seg import ReadModel
+    from mmkit.eval.seg import map_auc, overlay, seg_scores, write_sheet
+    from mmkit.heads.seg import ReadModel, view_boxes
     from mmkit.models.bundle import read_bundle
     from mmkit.training.seg import SEG_PROMPT, sam_embeddings
 
@@ -37,25 +38,35 @@ def evaluate(model_dir: Path, args) -> dict:
     size = int(model.sam.config.prompt_encoder_config.image_size)
     refs = source.segmentation_examples(args.refs_per_image, seed=0)
     prompt = parts.get("seg_prompt", SEG_PROMPT)  # the training prompt, kept in the bundle
-    preds, truths, kinds, cards = [], [], [], []
+    ablate = args.ablate_points and parts["seg"].get("sasp") is not None
+    preds, truths, kinds, cards, bare = [], [], [], [], []
     positives, inside = [], []  # SasP: positive points per expression; share of them inside the target
+    aucs = []  # how well the <SEG> state's similarity map ranks the target's pixels first (any model)
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(refs), args.batch_size), desc=f"segmenting ({model_dir.parent.name}/{model_dir.name})", unit="batch"):
         chunk = refs[start:start + args.batch_size]
         idx = torch.tensor([r.index for r in chunk])
+        sizes = [source.image_size(r.index) for r in chunk]
         out = model.segment(features[idx], [prompt.replace("{expression}", r.expression) for r in chunk], sam_emb[idx],
-                            (size, size))
-        for r, res in zip(chunk, out, strict=True):
+                            (size, size), without_points=ablate, image_sizes=sizes)
+        boxes = view_boxes(model.vlm.encoder, sizes, len(chunk), size)  # the token grid's part of each mask
+        for r, res, box in zip(chunk, out, boxes.tolist(), strict=True):
             truth = source.mask(r.index, r, size)
             mask = None if res["mask"] is None else res["mask"].numpy()
             preds.append(mask)
             truths.append(truth)
+            if ablate:
+                bare.append(None if res["mask_without_points"] is None else res["mask_without_points"].numpy())
             if res["labels"] is not None:
                 pos = res["points"][res["labels"] == 1].round().long().clamp(0, size - 1)  # (P, 2) x, y
                 positives.append(len(pos))
                 if len(pos):
                     inside.append(float(truth[pos[:, 1].numpy(), pos[:, 0].numpy()].mean()))
+            if res["similarity"] is not None:
+                auc = map_auc(res["similarity"].numpy(), truth, box)
+                if auc is not None:
+                    aucs.append(auc)
             kinds.append(r.kind)
             if len(cards) < args.sheet_examples:
                 inter = 0 if mask is None else int((mask & truth).sum())
@@ -82,6 +93,13 @@ def evaluate(model_dir: Path, args) -> dict:
                          "expressions; red: prediction, green outline: truth, rings: SAM points (white +, black -)")
         result["sheet"] = str(sheet)
     result["sasp_points"] = points
+    result["similarity_auc"] = sum(aucs) / len(aucs) if aucs else None  # 0.5: the map does not mark the target
+    if ablate:  # the same answers and <SEG> prompts decoded again without SasP's points: what do they add?
+        from mmkit.eval.paired import paired_difference
+
+        without = seg_scores(bare, truths, per_example=True)
+        result["without_points"] = {"gIoU": without["gIoU"], "cIoU": without["cIoU"],
+                                    "paired": paired_difference(without.pop("ious"), ious)}
     result["examples_sha"] = examples  # the expressions scored, so reports can be paired later
     result["ious"] = ious  # per expression, in order
     return result
@@ -123,6 +141,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--feature-cache", default="outputs/features")
     parser.add_argument("--sheet", default=None, help="write an HTML sheet of overlays (one per model)")
     parser.add_argument("--sheet-examples", type=int, default=24)
+    parser.add_argument("--ablate-points", action="store_true",
+                        help="READ models: also decode every expression without SasP's points (the <SEG> prompt alone) "
+                             "and report what the points add, paired per expression")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -145,6 +166,15 @@ def main(argv=None) -> list[dict]:
             share = "-" if pts["positives_inside_target"] is None else f"{100 * pts['positives_inside_target']:.1f}%"
             print(f"  {r['model']}: {pts['positives_per_expression']:.1f} positive SasP points per expression, "
                   f"{share} of them inside the target")
+        if r.get("similarity_auc") is not None:
+            print(f"  {r['model']}: the <SEG> similarity map ranks target pixels first with AUC "
+                  f"{r['similarity_auc']:.3f} (0.5: no better than chance)")
+        if r.get("without_points"):
+            from mmkit.eval.paired import format_paired
+
+            bare = r["without_points"]
+            print(f"  without its points: gIoU {100 * bare['gIoU']:.1f}, cIoU {100 * bare['cIoU']:.1f}; "
+                  + format_paired("gIoU, with minus without points", bare["paired"]))
     if len(results) > 1:
         from mmkit.eval.paired import format_paired
 
