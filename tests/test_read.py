@@ -145,6 +145,28 @@ def test_the_grid_follows_the_encoders_crop():
     torch.testing.assert_close(boxes, torch.tensor([[3.0, 3.0, 45.0, 45.0]] * 2), atol=0.5, rtol=0)
 
 
+def test_sasp_can_compare_the_states_of_another_layer():
+    last, middle = build(seed=4), build(sasp=SasPConfig(num_points=6, grid_view="image", layer=1), seed=4)
+    middle.load_state_dict(last.state_dict())
+    features, prompts, targets, sam_embeddings, masks = batch()
+    llm = middle.vlm.llm
+    embeds = middle._grid_embeds(features, None)
+    lm_batch = llm.build_batch(prompts, embeds.shape[1], targets)
+    out = llm(lm_batch, embeds, keep_layers=(1, -1))
+    torch.testing.assert_close(out.extras["layers"][-1], out.hidden_states)  # the last kept = the normed output
+    assert not torch.allclose(out.extras["layers"][1], out.hidden_states)
+    sim = middle.similarity(out, embeds.shape[1])  # the map at layer 1, by hand
+    seg, _ = last.seg_states(out, 1)
+    image = last.image_states(out, embeds.shape[1], 1)
+    torch.testing.assert_close(sim.flatten(1), torch.einsum("bd,bnd->bn", seg, image))
+    a = last(features, prompts, targets, sam_embeddings, masks)
+    b = middle(features, prompts, targets, sam_embeddings, masks)
+    torch.testing.assert_close(a.losses["ce_loss"], b.losses["ce_loss"])  # the same LLM pass and <SEG> prompt
+    assert not torch.equal(a.coords, b.coords)  # other states, other points
+    with pytest.raises(ValueError, match="layer 9 does not exist; this LM has 2 decoder layers"):
+        llm(lm_batch, embeds, keep_layers=(9,))
+
+
 def test_empty_masks_and_answers_without_seg():
     model = build()
     features, prompts, targets, sam_embeddings, masks = batch()

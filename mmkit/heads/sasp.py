@@ -54,6 +54,9 @@ class SasPConfig(StrictConfig):
     # centre crop, VisionEncoder.view_box; the official code likewise undoes CLIP's crop); "image": on all of
     # SAM's square frame (what mmkit did before 2026-11-30, off by the crop margin)
     grid_view: str = "encoder"
+    # which LLM states are compared: None, the last layer after the final norm (READ's choice, paper and code);
+    # k, the output of decoder layer k (transformers' hidden_states[k]): an ablation of that choice
+    layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.down_sample < 1:

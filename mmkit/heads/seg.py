@@ -205,27 +205,44 @@ class ReadModel(nn.Module):
                 out.append(p)
         return out
 
-    def seg_states(self, out: LMOutput) -> tuple[Tensor, Tensor]:
-        """The state predicting each sample's first ``<SEG>``: (B, d), and (B,) bool whether there is one."""
-        ids = out.batch.input_ids.to(out.hidden_states.device)  # (B, L)
+    def seg_states(self, out: LMOutput, layer: int | None = None) -> tuple[Tensor, Tensor]:
+        """The state predicting each sample's first ``<SEG>``: (B, d), and (B,) bool whether there is one.
+        ``layer``: from that kept layer (``out.extras["layers"]``) instead of the last."""
+        hidden = self._states(out, layer)
+        ids = out.batch.input_ids.to(hidden.device)  # (B, L)
         is_seg = ids[:, 1:] == self.seg_id  # position t predicts token t + 1
         found = is_seg.any(1)
         first = torch.argmax(is_seg.to(torch.int8), dim=1)  # first True (0 when none; masked by ``found``)
-        states = out.hidden_states[:, :-1].gather(1, first[:, None, None].expand(-1, 1, out.hidden_states.shape[-1]))
+        states = hidden[:, :-1].gather(1, first[:, None, None].expand(-1, 1, hidden.shape[-1]))
         return states[:, 0], found
 
-    def image_states(self, out: LMOutput, num_tokens: int) -> Tensor:
-        """The last-layer states at the image positions: (B, num_tokens, d), in image-token order (a stable sort
-        of the image mask finds them without a host read)."""
-        mask = out.batch.image_mask.to(out.hidden_states.device)  # (B, L)
+    def image_states(self, out: LMOutput, num_tokens: int, layer: int | None = None) -> Tensor:
+        """The states at the image positions (last layer, or the kept ``layer``): (B, num_tokens, d), in
+        image-token order (a stable sort of the image mask finds them without a host read)."""
+        hidden = self._states(out, layer)
+        mask = out.batch.image_mask.to(hidden.device)  # (B, L)
         order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :num_tokens]
-        return out.hidden_states.gather(1, order[..., None].expand(-1, -1, out.hidden_states.shape[-1]))
+        return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    @staticmethod
+    def _states(out: LMOutput, layer: int | None) -> Tensor:
+        return out.hidden_states if layer is None else out.extras["layers"][layer]
+
+    @property
+    def sasp_layer(self) -> int | None:
+        """The LLM layer SasP compares states at (None: the last, after the final norm, as READ does)."""
+        return None if self.config.sasp is None else self.config.sasp.layer
+
+    def _run_llm(self, batch, embeds: Tensor) -> LMOutput:
+        layer = self.sasp_layer
+        return self.vlm.llm(batch, embeds, keep_layers=() if layer is None else (layer,))
 
     def similarity(self, out: LMOutput, num_tokens: int) -> Tensor:
-        """SasP's raw map, ``<SEG>`` state . image states on the token grid: (B, h, w). Defined for the
-        ``<SEG>``-only baseline too (READ's premise is that such a model's map already marks the target)."""
-        seg, _ = self.seg_states(out)
-        image = self.image_states(out, num_tokens).float()
+        """SasP's raw map, ``<SEG>`` state . image states on the token grid (at SasP's layer): (B, h, w).
+        Defined for the ``<SEG>``-only baseline too (READ's premise is that such a model's map already marks
+        the target)."""
+        seg, _ = self.seg_states(out, self.sasp_layer)
+        image = self.image_states(out, num_tokens, self.sasp_layer).float()
         return similarity_map(seg.float(), image, self.grid(image.shape[1]))
 
     def grid(self, num_tokens: int) -> tuple[int, int]:
@@ -259,7 +276,10 @@ class ReadModel(nn.Module):
         extra = self.head(seg.float())
         coords = labels = None
         if self.config.sasp is not None:
-            image = self.image_states(out, num_tokens).float()
+            layer = self.sasp_layer
+            image = self.image_states(out, num_tokens, layer).float()
+            if layer is not None:
+                seg, _ = self.seg_states(out, layer)
             size = sam_input_size(self.sam)
             box = None
             if self.config.sasp.grid_view == "encoder":
@@ -298,7 +318,7 @@ class ReadModel(nn.Module):
         embeds = self._grid_embeds(features, feature_mask)
         llm = self.vlm.llm
         batch = llm.build_batch(prompts, embeds.shape[1], targets).to(llm.device)
-        out = llm(batch, embeds)
+        out = self._run_llm(batch, embeds)
         extra, found, coords, labels = self.prompts_for(out, embeds.shape[1], grid_boxes)
         logits, _ = decode_masks(self.sam, sam_embeddings, coords, labels, extra=extra)
         logits = upscale_masks(logits, tuple(masks.shape[-2:]))[:, 0]  # (B, H, W)
@@ -392,7 +412,7 @@ class ReadModel(nn.Module):
         answers = [a.split("\n", 1)[0].strip() for a in answers]
         # one teacher-forced pass over prompt + answer gives the states (the same as training reads them)
         full = llm.build_batch(prompts, embeds.shape[1], answers).to(llm.device)
-        out = llm(full, embeds)
+        out = self._run_llm(full, embeds)
         boxes = None
         if self.config.sasp is not None and self.config.sasp.grid_view == "encoder":
             boxes = self.grid_boxes(image_sizes, embeds.shape[0])

@@ -365,13 +365,24 @@ class FrozenLM(nn.Module):
         embeds = embeds.masked_scatter(batch.image_mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
         return embeds
 
-    def forward(self, batch: LMBatch, image_embeds: Tensor | None, image_mask: Tensor | None = None) -> LMOutput:
+    def forward(self, batch: LMBatch, image_embeds: Tensor | None, image_mask: Tensor | None = None, *,
+                keep_layers: tuple[int, ...] = ()) -> LMOutput:
         """One pass over ``batch`` with the image slots filled: the last hidden states (B, L, d) and, when the
-        batch has targets, their mean next-token cross-entropy (the prompt and image are context only)."""
+        batch has targets, their mean next-token cross-entropy (the prompt and image are context only).
+        ``keep_layers``: also return these layers' outputs in ``extras["layers"]`` ({k: (B, L, d)}; k as in
+        transformers' ``hidden_states``: 0 the input embeddings, k the output of decoder layer k)."""
         embeds = self.embed(batch, image_embeds, image_mask)
-        hidden = self.model.get_decoder()(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask
-        ).last_hidden_state  # (B, L, d)
+        decoded = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                           output_hidden_states=bool(keep_layers))
+        hidden = decoded.last_hidden_state  # (B, L, d)
+        extras = {}
+        if keep_layers:
+            states = decoded.hidden_states
+            for k in keep_layers:
+                if not -len(states) <= k < len(states):
+                    raise ValueError(f"keep_layers: layer {k} does not exist; this LM has {len(states) - 1} decoder "
+                                     f"layers (0 is the input embeddings, {len(states) - 1} the last)")
+            extras["layers"] = {k: states[k] for k in keep_layers}
         loss = None
         if batch.labels is not None:
             # position t predicts token t + 1: keep only positions whose next token is a target
@@ -379,7 +390,7 @@ class FrozenLM(nn.Module):
             keep = next_labels != IGNORE_INDEX  # (B, L-1)
             logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # (T, V)
             loss = F.cross_entropy(logits.float(), next_labels[keep])
-        return LMOutput(loss=loss, hidden_states=hidden, batch=batch)
+        return LMOutput(loss=loss, hidden_states=hidden, batch=batch, extras=extras)
 
     def caption_loss(self, batch: LMBatch, image_embeds: Tensor | None, image_mask: Tensor | None = None) -> Tensor:
         """Mean next-token cross-entropy over target tokens (see :meth:`forward`)."""
