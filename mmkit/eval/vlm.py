@@ -234,7 +234,8 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
         res = evaluate_connector(folder, data, tasks=args.tasks, batch_size=args.batch_size,
                                  qa_per_image=args.qa_per_image)
         all_results.append(res)
-        print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=2))
+        per_item = ("samples", "vqa_per_question", "vqa_question_kinds")  # long lists: in the --json report only
+        print(json.dumps({k: v for k, v in res.items() if k not in per_item}, indent=2))
     print(table(all_results))
     for line in paired_vqa_lines(all_results):
         print(line)
