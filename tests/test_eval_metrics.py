@@ -389,3 +389,14 @@ def test_paired_difference_rejects_bad_inputs():
         paired_difference([1], [1])
     with pytest.raises(ValueError, match="finite"):
         paired_difference([1, float("nan")], [1, 2])
+
+
+def test_unpairable_says_why_two_reports_cannot_be_paired():
+    from mmkit.eval.paired import unpairable
+
+    a = {"ious": [0.5, 0.7], "examples_sha": "abc"}
+    assert unpairable(a, dict(a), scores="ious", examples="examples_sha") is None
+    assert "different examples (xyz vs abc)" in unpairable(a, {**a, "examples_sha": "xyz"}, scores="ious",
+                                                           examples="examples_sha")
+    assert "the other report has no per-example scores" in unpairable(a, {"examples_sha": "abc"}, scores="ious",
+                                                                       examples="examples_sha")

@@ -48,6 +48,17 @@ def paired_difference(a, b, *, resamples: int = 10_000, seed: int = 0, tie: floa
     }
 
 
+def unpairable(base: dict, other: dict, *, scores: str, examples: str) -> str | None:
+    """Why two eval reports cannot be compared example by example, or None when they can: both must hold the
+    per-example ``scores`` list and the same ``examples`` fingerprint (what was scored, in order)."""
+    missing = [name for name, r in (("the baseline", base), ("the other", other)) if scores not in r]
+    if missing:
+        return f"{' and '.join(missing)} report has no per-example scores (written by an older eval); evaluate again"
+    if base.get(examples) != other.get(examples):
+        return f"they were scored on different examples ({other.get(examples)} vs {base.get(examples)})"
+    return None
+
+
 def format_paired(name: str, result: dict, scale: float = 100.0, unit: str = "points") -> str:
     """One line: 'name: +2.1 points (SE 0.9, 95% CI +0.4 .. +3.9, separated; wins 40 / losses 22 / ties 238 of 300)'."""
     lo, hi = (scale * x for x in result["ci95"])
@@ -56,4 +67,4 @@ def format_paired(name: str, result: dict, scale: float = 100.0, unit: str = "po
             f"losses {result['b_losses']} / ties {result['ties']} of {result['examples']})")
 
 
-__all__ = ["format_paired", "paired_difference"]
+__all__ = ["format_paired", "paired_difference", "unpairable"]

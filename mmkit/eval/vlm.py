@@ -162,7 +162,7 @@ def table(results: Sequence[dict]) -> str:
 def paired_vqa_lines(results: Sequence[dict]) -> list[str]:
     """VQA accuracy of each later model minus the first's, paired over the same questions (empty when fewer
     than two results carry per-question scores for the same questions)."""
-    from .paired import format_paired, paired_difference
+    from .paired import format_paired, paired_difference, unpairable
 
     scored = [r for r in results if "vqa_per_question" in r]
     if len(scored) < 2:
@@ -170,8 +170,9 @@ def paired_vqa_lines(results: Sequence[dict]) -> list[str]:
     base = scored[0]
     lines = []
     for r in scored[1:]:
-        if r["vqa_questions_sha"] != base["vqa_questions_sha"]:
-            lines.append(f"{connector_label(r['connector'])}: other questions than {connector_label(base['connector'])}, "
+        reason = unpairable(base, r, scores="vqa_per_question", examples="vqa_questions_sha")
+        if reason:
+            lines.append(f"{connector_label(r['connector'])} vs {connector_label(base['connector'])}: {reason}; "
                          "not paired")
             continue
         name = f"{connector_label(r['connector'])} minus {connector_label(base['connector'])}"

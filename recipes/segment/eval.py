@@ -107,19 +107,15 @@ def evaluate(model_dir: Path, args) -> dict:
 
 def paired_lines(results: list[dict]) -> list[dict]:
     """Each later result's per-expression IoU against the first's (they must have scored the same expressions)."""
-    from mmkit.eval.paired import paired_difference
+    from mmkit.eval.paired import paired_difference, unpairable
 
     base = results[0]
     out = []
     for r in results[1:]:
-        for x in (base, r):
-            if "ious" not in x:
-                raise ValueError(f"{x['model']}: the report has no per-expression IoUs (written by an older eval.py); "
-                                 "evaluate it again")
-        if base.get("examples_sha") != r.get("examples_sha"):
-            raise ValueError(f"{r['model']} and {base['model']} were scored on different expressions "
-                             f"({r.get('examples_sha')} vs {base.get('examples_sha')}): use the same --source, "
-                             "--split, --size and --refs-per-image")
+        reason = unpairable(base, r, scores="ious", examples="examples_sha")
+        if reason:
+            raise ValueError(f"{r['model']} vs {base['model']}: {reason} (pair reports of the same --source, "
+                             "--split, --size and --refs-per-image)")
         out.append({"baseline": base["model"], "model": r["model"],
                     "gIoU": paired_difference(base["ious"], r["ious"])})
     return out
