@@ -149,13 +149,15 @@ def test_hf_token_grid_and_bigger_images(tiny_hf_clip_dir):
 
 def test_view_box_finds_each_backends_crop(tiny_hf_clip_dir):
     """What part of a photo the token grid sees: timm's centre crop keeps the middle 87.5% (224 of 256),
-    CLIP's processor the middle square of a wide photo. Measured through preprocess, to about a pixel here."""
+    CLIP's processor the middle square of a wide photo; an up-sampled photo is kept whole. Measured through
+    preprocess, to well under a pixel here."""
     lite0 = load_encoder("timm:tf_efficientnet_lite0@none", token_grid=3)
-    assert lite0.view_box(224, 224) == pytest.approx((14.0, 14.0, 210.0, 210.0), abs=1.0)
-    assert lite0.view_box(320, 240) == pytest.approx((55.0, 15.0, 265.0, 225.0), abs=1.5)
+    assert lite0.view_box(224, 224) == pytest.approx((14.0, 14.0, 210.0, 210.0), abs=0.5)
+    assert lite0.view_box(320, 240) == pytest.approx((55.0, 15.0, 265.0, 225.0), abs=0.75)
     clip = load_encoder(f"hf:{tiny_hf_clip_dir}")
-    assert clip.view_box(60, 30) == pytest.approx((15.0, 0.0, 45.0, 30.0), abs=1.0)
-    assert clip.view_box(30, 30) == pytest.approx((0.0, 0.0, 30.0, 30.0), abs=1.0)
+    assert clip.view_box(60, 30) == pytest.approx((15.0, 0.0, 45.0, 30.0), abs=0.5)
+    assert clip.view_box(30, 30) == pytest.approx((0.0, 0.0, 30.0, 30.0), abs=0.5)
+    assert clip.view_box(12, 12) == pytest.approx((0.0, 0.0, 12.0, 12.0), abs=0.25)  # up-sampled: edges extrapolated
 
 
 def test_hf_full_clip_checkpoint_uses_its_vision_tower(tmp_path, tiny_hf_clip_dir):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -400,3 +401,37 @@ def test_unpairable_says_why_two_reports_cannot_be_paired():
                                                            examples="examples_sha")
     assert "the other report has no per-example scores" in unpairable(a, {"examples_sha": "abc"}, scores="ious",
                                                                        examples="examples_sha")
+
+
+def test_map_auc_equals_the_pairwise_count_and_reads_the_box():
+    from mmkit.eval.seg import map_auc
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.integers(0, 4, size=(3, 4)).astype(float)  # many ties
+        truth = rng.random((12, 16)) < 0.3
+        cell = scores.repeat(4, 0).repeat(4, 1)  # each pixel's cell score (4 x 4 pixels per cell)
+        t, b = cell[truth], cell[~truth]
+        brute = ((t[:, None] > b[None, :]).sum() + 0.5 * (t[:, None] == b[None, :]).sum()) / (t.size * b.size)
+        assert map_auc(scores, truth) == pytest.approx(brute)
+    scores = np.array([[0.0, 1.0], [0.0, 0.0]])
+    truth = np.zeros((10, 10), dtype=bool)
+    truth[2:6, 6:10] = True  # exactly the top-right cell of the box [2, 2, 10, 10]
+    assert map_auc(scores, truth, box=(2, 2, 10, 10)) == 1.0
+    assert map_auc(scores, truth) < 1.0  # the same map laid over the whole image misses part of the target
+    truth[:] = False
+    truth[2:6, 2:6] = True
+    assert map_auc(scores, truth, box=(2, 2, 10, 10)) < 0.5 and map_auc(scores, np.zeros((4, 4), bool)) is None
+
+
+def test_paired_vqa_lines_per_kind_skip_kinds_too_small_to_pair():
+    from mmkit.eval.vlm import paired_vqa_lines
+
+    kinds = ["order", "order", "order", "av"]
+    a = {"connector": "runs/a/final", "vqa_per_question": [1.0, 0.0, 0.0, 1.0], "vqa_questions_sha": "q",
+         "vqa_question_kinds": kinds}
+    b = {**a, "connector": "runs/b/final", "vqa_per_question": [1.0, 1.0, 0.0, 0.0]}
+    lines = paired_vqa_lines([a, b])
+    assert lines[0].startswith("VQA acc, b/final minus a/final: +0.0 points")
+    assert any(line.startswith("  order, b/final minus a/final: +33.3 points") for line in lines)
+    assert "  av: 1 question, too few to pair" in lines

@@ -142,7 +142,40 @@ def test_the_grid_follows_the_encoders_crop():
     # with an encoder the model finds the boxes itself: timm's centre crop of a square photo
     on_crop.vlm.encoder = load_encoder("timm:tf_efficientnet_lite0@none", token_grid=3)
     boxes = on_crop.grid_boxes(None, 2)
-    torch.testing.assert_close(boxes, torch.tensor([[3.0, 3.0, 45.0, 45.0]] * 2), atol=0.5, rtol=0)
+    torch.testing.assert_close(boxes, torch.tensor([[3.0, 3.0, 45.0, 45.0]] * 2), atol=0.25, rtol=0)
+    # a 320 x 240 photo: the encoder keeps x 55..265, y 15..225; SAM sees it squeezed into its 48 x 48 frame
+    wide = on_crop.grid_boxes([(320, 240)], 1)
+    torch.testing.assert_close(wide, torch.tensor([[8.25, 3.0, 39.75, 45.0]]), atol=0.2, rtol=0)
+    with pytest.raises(ValueError, match="2 image sizes for a batch of 1"):
+        on_crop.grid_boxes([(320, 240)] * 2, 1)
+
+
+def test_sasp_layer_out_of_range_is_refused_at_construction():
+    with pytest.raises(ValueError, match="SasPConfig.layer=9, but the LLM has 2 decoder layers"):
+        build(sasp=SasPConfig(layer=9))
+
+
+def test_bundles_saved_before_grid_view_keep_the_whole_frame_placement(tmp_path):
+    import json
+
+    model = build(sasp=SasPConfig(num_points=6), seed=5)  # the new default: on the encoder's crop
+    model.save_pretrained(tmp_path / "read", llm_name="tiny-llm", sam_name="tiny-sam", encoder={"spec": "none"})
+    path = tmp_path / "read" / "bundle.json"
+    bundle = json.loads(path.read_text())
+    assert bundle["parts"]["seg"]["sasp"]["grid_view"] == "encoder"
+    del bundle["parts"]["seg"]["sasp"]["grid_view"]  # as written before the field existed
+    path.write_text(json.dumps(bundle))
+    old = ReadModel.from_pretrained(tmp_path / "read", llm=FrozenLM(tiny_llama(5), tiny_tokenizer()),
+                                    sam=tiny_sam(5), load_encoder=False)
+    assert old.config.sasp.grid_view == "image"
+
+
+def test_seg_only_segment_works_with_tokens_that_are_no_grid():
+    model = build(sasp=None, seed=6).eval()
+    _, prompts, _, sam_embeddings, _ = batch()
+    features = torch.randn(2, 6, 12)  # 6 image tokens: no square grid, and <SEG>-only needs none
+    for r in model.segment(features, prompts, sam_embeddings, (48, 48), max_new_tokens=4):
+        assert r["similarity"] is None and r["points"] is None
 
 
 def test_sasp_can_compare_the_states_of_another_layer():

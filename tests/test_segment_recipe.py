@@ -62,6 +62,8 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
         share = result["sasp_points"]["positives_inside_target"]
         assert result["sasp_points"]["positives_per_expression"] >= 1 and 0.0 <= share <= 1.0
     assert Path(result["sheet"]).is_file() and "data:image/png;base64" in Path(result["sheet"]).read_text()
+    if result["similarity_auc"] is not None:  # any model: how well its <SEG> map ranks the target first
+        assert 0.0 <= result["similarity_auc"] <= 1.0 and result["similarity_auc_expressions"] >= 1
     assert "| model | SasP | gIoU | cIoU |" in done.stdout
     assert len(result["ious"]) == result["examples"] and abs(sum(result["ious"]) / len(result["ious"]) - result["gIoU"]) < 1e-9
     # pairing two reports of the same expressions: the difference of a model with itself is exactly zero

@@ -507,6 +507,10 @@ class RefCocoSource(ReferringSource):
 
         return load_image(self.root / self.images[self.image_ids[i]]["file_name"])
 
+    def image_size(self, i: int) -> tuple[int, int]:
+        info = self.images[self.image_ids[i]]  # the JSON's own size (its masks are drawn at it)
+        return (int(info["width"]), int(info["height"]))
+
     def referrals(self, i: int) -> list[Referral]:
         out = []
         for r in self.refs[self.image_ids[i]]:

@@ -174,12 +174,9 @@ class VisionEncoder(nn.Module):
                                                        ((0, 0, 0), (255, 255, 255))] + [ramp]).double()
             u = (seen[0] - black[0]) / (white[0] - black[0]) * (width - 1)  # (h, w): source x of each pixel centre
             v = (seen[1] - black[1]) / (white[1] - black[1]) * (height - 1)
-            first_x, last_x = float(u[:, 0].median()), float(u[:, -1].median())
-            first_y, last_y = float(v[0].median()), float(v[-1].median())
-            half_x = (last_x - first_x) / max(u.shape[1] - 1, 1) / 2  # half an output pixel, in source pixels
-            half_y = (last_y - first_y) / max(v.shape[0] - 1, 1) / 2
-            cache[width, height] = (max(first_x + 0.5 - half_x, 0.0), max(first_y + 0.5 - half_y, 0.0),
-                                    min(last_x + 0.5 + half_x, float(width)), min(last_y + 0.5 + half_y, float(height)))
+            x0, x1 = _edges(u.median(dim=0).values)  # per output column, then a line through the middle half
+            y0, y1 = _edges(v.median(dim=1).values)
+            cache[width, height] = (max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height)))
         return cache[width, height]
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
@@ -194,6 +191,18 @@ class VisionEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, image_size={self.image_size}, token_grid={self.token_grid}"
+
+
+def _edges(centres: torch.Tensor) -> tuple[float, float]:
+    """Source coordinates of the output pixels' centres (S,) -> the outer edges of the first and last output pixels
+    (pixel i spans [i, i + 1)). A line fitted through the middle half: resizing maps output to source linearly,
+    while the border pixels of a ramp are clamped or blurred."""
+    n = centres.shape[0]
+    j = torch.arange(n, dtype=torch.float64)
+    mid = slice(n // 4, max(n - n // 4, n // 4 + 2))
+    slope, intercept = torch.linalg.lstsq(torch.stack([j[mid], torch.ones_like(j[mid])], 1),
+                                          centres[mid].double()[:, None]).solution[:, 0].tolist()
+    return intercept - 0.5 * slope + 0.5, intercept + (n - 0.5) * slope + 0.5
 
 
 def check_pixels(encoder: VisionEncoder, pixel_values: torch.Tensor) -> torch.Tensor:

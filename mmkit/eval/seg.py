@@ -51,8 +51,8 @@ def map_auc(scores, truth, box=None) -> float | None:
         truth = truth[max(y0, 0):y1, max(x0, 0):x1]
     h, w = scores.shape
     height, width = truth.shape
-    rows = np.minimum(np.arange(height) * h // height, h - 1)  # each pixel's cell
-    cols = np.minimum(np.arange(width) * w // width, w - 1)
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(int), h - 1)  # the cell of each pixel's centre
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(int), w - 1)
     cell = (rows[:, None] * w + cols[None, :]).reshape(-1)
     target = np.bincount(cell, weights=truth.reshape(-1), minlength=h * w)  # target pixels per cell
     background = np.bincount(cell, minlength=h * w) - target

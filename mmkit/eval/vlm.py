@@ -178,10 +178,13 @@ def paired_vqa_lines(results: Sequence[dict]) -> list[str]:
         name = f"{connector_label(r['connector'])} minus {connector_label(base['connector'])}"
         diff = paired_difference(base["vqa_per_question"], r["vqa_per_question"])
         lines.append(format_paired(f"VQA acc, {name}", diff))
-        kinds = base.get("vqa_question_kinds")
+        kinds = base.get("vqa_question_kinds") or r.get("vqa_question_kinds")
         if kinds and len(set(kinds)) > 1:  # the same questions, so the same kinds, in order
             for kind in sorted(set(kinds)):
                 pick = [j for j, k in enumerate(kinds) if k == kind]
+                if len(pick) < 2:
+                    lines.append(f"  {kind}: {len(pick)} question, too few to pair")
+                    continue
                 diff = paired_difference([base["vqa_per_question"][j] for j in pick],
                                          [r["vqa_per_question"][j] for j in pick])
                 lines.append("  " + format_paired(f"{kind}, {name}", diff))
@@ -237,11 +240,12 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
         all_results.append(res)
         per_item = ("samples", "vqa_per_question", "vqa_question_kinds")  # long lists: in the --json report only
         print(json.dumps({k: v for k, v in res.items() if k not in per_item}, indent=2))
+    if args.json:  # first: nothing after this can lose the evaluation
+        atomic_write_text(args.json, json.dumps(all_results, indent=2) + "\n")
     print(table(all_results))
     for line in paired_vqa_lines(all_results):
         print(line)
     if args.json:
-        atomic_write_text(args.json, json.dumps(all_results, indent=2) + "\n")
         print(f"wrote {args.json}")
     return all_results
 

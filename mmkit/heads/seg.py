@@ -186,6 +186,11 @@ class ReadModel(nn.Module):
         if config.lora_r > 0 and llm.lora is None:
             llm.add_lora(LoRASpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                   target_modules=config.lora_targets))
+        layer = None if config.sasp is None else config.sasp.layer
+        depth = getattr(getattr(llm.model, "config", None), "num_hidden_layers", None)
+        if layer is not None and depth is not None and not -(depth + 1) <= layer <= depth:
+            raise ValueError(f"SasPConfig.layer={layer}, but the LLM has {depth} decoder layers (0: the input "
+                             f"embeddings, {depth}: the last; None: the last after the final norm)")
         self.head = SegHead(SegHeadConfig(llm_dim=llm.hidden_size, prompt_dim=config.prompt_dim))
         for p in sam.parameters():
             p.requires_grad_(False)
@@ -244,6 +249,10 @@ class ReadModel(nn.Module):
         seg, _ = self.seg_states(out, self.sasp_layer)
         image = self.image_states(out, num_tokens, self.sasp_layer).float()
         return similarity_map(seg.float(), image, self.grid(image.shape[1]))
+
+    def _has_grid(self, num_tokens: int) -> bool:
+        """Whether the image tokens lie on a grid (always with SasP; a <SEG>-only model may have any count)."""
+        return self.config.grid is not None or int(round(num_tokens**0.5)) ** 2 == num_tokens
 
     def grid(self, num_tokens: int) -> tuple[int, int]:
         if self.config.grid is not None:
@@ -373,7 +382,11 @@ class ReadModel(nn.Module):
             sam = load_sam(parts["sam"]["name"])
         vlm = VisionLanguageModel.from_pretrained(directory, encoder=encoder, llm=llm, load_encoder=load_encoder)
         vlm.llm.load_trainable(folders["llm"])
-        config = SegConfig.from_dict(parts["seg"])
+        seg = dict(parts["seg"])
+        if isinstance(seg.get("sasp"), dict) and "grid_view" not in seg["sasp"]:
+            # saved before SasPConfig.grid_view existed: trained with the grid over the whole frame; keep it so
+            seg["sasp"] = {**seg["sasp"], "grid_view": "image"}
+        config = SegConfig.from_dict(seg)
         model = cls(vlm, sam, config)  # finds the <SEG> row and LoRA the trainable folder added
         load_adapter_weights(model.head, folders["head"])
         decoder, _ = load_adapter(folders["mask_decoder"])
@@ -417,7 +430,7 @@ class ReadModel(nn.Module):
         if self.config.sasp is not None and self.config.sasp.grid_view == "encoder":
             boxes = self.grid_boxes(image_sizes, embeds.shape[0])
         extra, found, coords, labels = self.prompts_for(out, embeds.shape[1], boxes)
-        sim = self.similarity(out, embeds.shape[1])
+        sim = self.similarity(out, embeds.shape[1]) if self._has_grid(embeds.shape[1]) else None
         logits, _ = decode_masks(self.sam, sam_embeddings, coords, labels, extra=extra)
         masks = upscale_masks(logits, size)[:, 0] > 0
         bare = None
@@ -432,7 +445,7 @@ class ReadModel(nn.Module):
                 "mask": masks[i].cpu() if has else None,
                 "points": None if coords is None or not has else coords[i].cpu(),
                 "labels": None if labels is None or not has else labels[i].cpu(),
-                "similarity": sim[i].cpu() if has else None,
+                "similarity": sim[i].cpu() if has and sim is not None else None,
             })
             if bare is not None:
                 results[-1]["mask_without_points"] = bare[i].cpu() if has else None

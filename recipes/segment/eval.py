@@ -94,6 +94,7 @@ def evaluate(model_dir: Path, args) -> dict:
         result["sheet"] = str(sheet)
     result["sasp_points"] = points
     result["similarity_auc"] = sum(aucs) / len(aucs) if aucs else None  # 0.5: the map does not mark the target
+    result["similarity_auc_expressions"] = len(aucs)  # those answered with <SEG> (and a target that is not empty)
     if ablate:  # the same answers and <SEG> prompts decoded again without SasP's points: what do they add?
         from mmkit.eval.paired import paired_difference
 
@@ -164,7 +165,8 @@ def main(argv=None) -> list[dict]:
                   f"{share} of them inside the target")
         if r.get("similarity_auc") is not None:
             print(f"  {r['model']}: the <SEG> similarity map ranks target pixels first with AUC "
-                  f"{r['similarity_auc']:.3f} (0.5: no better than chance)")
+                  f"{r['similarity_auc']:.3f} (0.5: no better than chance; over "
+                  f"{r.get('similarity_auc_expressions', '?')} answers with <SEG>)")
         if r.get("without_points"):
             from mmkit.eval.paired import format_paired
 
