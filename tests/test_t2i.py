@@ -309,6 +309,34 @@ def test_an_encoder_without_a_source_is_saved_into_the_folder(pipe, tmp_path):
     assert torch.equal(_run(own, ["a red star"], steps=2), _run(loaded, ["a red star"], steps=2))
 
 
+def test_eval_resumes_a_stopped_run_from_its_kept_batches(train_recipe, tmp_path, monkeypatch):
+    """recipes/generate/eval.py keeps each finished batch next to its report; run again with the same settings
+    after a stop, it samples nothing twice and reports the same numbers."""
+    from mmkit.eval import report as report_module
+    from mmkit.eval.report import PartialSamples
+
+    final = train_recipe.main(["--max_train_steps", "1", "--output_dir", str(tmp_path / "run"), *TINY,
+                               "train.eval_every=0"])
+    evaluation = _recipe("eval")
+    out = tmp_path / "t2i.json"
+    args = ["--model", str(final), "--prompts", "4", "--batch", "2", "--steps", "2", "--judge-scenes", "2",
+            "--variants=--tome", "--json", str(out)]
+    monkeypatch.setattr(PartialSamples, "finish", lambda self: None)  # as if stopped before the report
+    first = evaluation.main(args)
+    kept = report_module.partial_path(out)
+    assert kept.is_file() and PartialSamples(kept, {}).resumed == 0  # other settings: nothing reused
+    monkeypatch.undo()
+    calls = []
+    real = PixelTextToImagePipeline.__call__
+    monkeypatch.setattr(PixelTextToImagePipeline, "__call__", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = evaluation.main(args)
+    assert calls == [] and not kept.exists()  # every batch came from the kept file, which is gone now
+    for name, row in first["variants"].items():
+        assert again["variants"][name]["all"] == row["all"] and again["variants"][name]["objects"] == row["objects"]
+    evaluation.main([*args[:-1], str(tmp_path / "other.json"), "--seed", "1"])  # other settings sample anew
+    assert len(calls) == 4  # 2 batches x 2 variants
+
+
 # ---------------------------------------------------------------------- the shipped model
 def test_shipped_model_loads_offline_and_follows_single_object_prompts():
     """assets/t2i/shapes (EMA weights, MiniLM by reference, its DDPM sampler) through the default path of

@@ -17,7 +17,9 @@ Attribute binding (CLP / WiCLP): ``--objects 2 --variants "--text-projection out
 objects drawn with the right colour *and* shape; ``--objects 1`` measures the cost on single-object prompts.
 
 Variants run interleaved batch by batch, so slow phases of a shared machine hit them alike; the
-seconds per image are indicative only. Prints a markdown table and writes JSON.
+seconds per image are indicative only. Prints a markdown table and writes JSON. With ``--json``, every finished
+batch is kept next to the report (``REPORT.partial.safetensors``) until the report is written: a stopped run
+started again with the same settings resumes from there.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from mmkit.diffusion.loading import load_pipeline
 from mmkit.diffusion.pixel_pipeline import SAMPLERS, with_sampler
 from mmkit.diffusion.t2i_data import held_out_prompts, t2i_world
 from mmkit.eval.paired import format_paired, paired_difference
-from mmkit.eval.report import add_sampling_arguments, run_report
+from mmkit.eval.report import PartialSamples, add_sampling_arguments, partial_path, run_report
 from mmkit.eval.shapes_judge import JudgeConfig, judge_accuracy, prompt_following, prompt_following_accuracy
 
 METRICS = ("all", "objects", "colour", "shape", "count", "relation")
@@ -93,10 +95,22 @@ def evaluate(args: argparse.Namespace) -> dict:
     seconds = dict.fromkeys(variants, 0.0)
     from tqdm.auto import tqdm
 
+    # what every image depends on: a stopped run with the same settings resumes from the batches it finished
+    saved = PartialSamples(partial_path(args.json), {
+        "model": str(args.model or _default_model()), "prompts": [c for _, c in prompts], "variants": variants,
+        "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "sampler": type(pipe.scheduler).__name__,
+        "batch": args.batch})
+    if saved.resumed:
+        print(f"resuming: {saved.resumed} batch x variant results kept in {saved.path}")
     batches = range(0, len(prompts), args.batch)
     for start in tqdm(batches, desc=f"sampling {len(variants)} variants", unit="batch"):
         chunk = prompts[start:start + args.batch]
         for name, flags in variants.items():
+            kept = saved.get(f"{start}:{name}")
+            if kept is not None:
+                images[name].extend(kept[0])
+                seconds[name] += kept[1]
+                continue
             generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(chunk))]
             patches = variant_patches(flags, args.steps)
             t = time.perf_counter()
@@ -107,8 +121,10 @@ def evaluate(args: argparse.Namespace) -> dict:
             finally:
                 if handle is not None:
                     handle.remove()
-            seconds[name] += time.perf_counter() - t
+            elapsed = time.perf_counter() - t
+            seconds[name] += elapsed
             images[name].extend(out)
+            saved.put(f"{start}:{name}", out, elapsed)
 
     results: dict[str, dict] = {}
     per_prompt: dict[str, dict[str, list[float]]] = {}
@@ -133,6 +149,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             # a file name from the flags (adapter paths hold '/'): letters, digits, '-' and '_' only
             slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.replace("--", "")).strip("_") or "base"
             image_grid(torch.stack(images[name][:64]), cols=8).save(args.grids / f"{slug}.png")
+    saved.finish()  # the report is made (grids included); the kept samples go
     return {
         "model": str(args.model or _default_model()),
         "prompts": len(prompts), "split": "test", "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
