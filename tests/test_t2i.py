@@ -3,6 +3,7 @@
 
 import importlib.util
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -335,6 +336,13 @@ def test_eval_resumes_a_stopped_run_from_its_kept_batches(train_recipe, tmp_path
         assert again["variants"][name]["all"] == row["all"] and again["variants"][name]["objects"] == row["objects"]
     evaluation.main([*args[:-1], str(tmp_path / "other.json"), "--seed", "1"])  # other settings sample anew
     assert len(calls) == 4  # 2 batches x 2 variants
+    monkeypatch.setattr(PartialSamples, "finish", lambda self: None)
+    evaluation.main(args)
+    assert len(calls) == 8
+    weights = next((final / "unet").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # retrained in place
+    evaluation.main(args)
+    assert len(calls) == 12  # the kept batches belonged to the old weights
 
 
 # ---------------------------------------------------------------------- the shipped model

@@ -67,6 +67,15 @@ def variant_patches(flags: str, steps: int) -> list:
     return build_patches(parser.parse_args(shlex.split(flags)), steps)
 
 
+def weight_stamps(paths: list[Path]) -> dict:
+    """Size and modification time of every safetensors file under ``paths`` (the model and adapter folders)."""
+    stamps = {}
+    for path in paths:
+        for f in sorted(path.rglob("*.safetensors") if path.is_dir() else [path]):
+            stamps[str(f)] = [f.stat().st_size, f.stat().st_mtime_ns]
+    return stamps
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two images (3, H, W) in [0, 1]; inf when identical."""
     mse = float((a.double() - b.double()).pow(2).mean())
@@ -96,8 +105,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     # what every image depends on: a stopped run with the same settings resumes from the batches it finished
+    model_dir = Path(args.model or _default_model())
+    files = [model_dir] + [Path(w) for flags in variants.values() for w in shlex.split(flags) if Path(w).exists()]
     saved = PartialSamples(partial_path(args.json), {
-        "model": str(args.model or _default_model()), "prompts": [c for _, c in prompts], "variants": variants,
+        "model": str(model_dir), "weights": weight_stamps(files),  # a model retrained in place samples anew
+        "prompts": [c for _, c in prompts], "variants": variants,
         "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "sampler": type(pipe.scheduler).__name__,
         "batch": args.batch})
     if saved.resumed:
