@@ -114,9 +114,25 @@ def test_binding_and_concept_evaluations_run_on_the_adapters(folder, tmp_path):
     concept = _recipe("train_concept").main(
         ["--max_train_steps", "1", "--output_dir", str(tmp_path / "neti"), f"model.pipeline={folder}",
          "data.num_images=1", *SMALL])
-    report = _recipe("eval_concept").main(
-        ["--model", str(folder), "--adapters", str(concept), "--truncations", "none", "4", "--images", "1",
-         "--steps", "1", "--judge-scenes", "1", "--colours", "red", "--grids", str(tmp_path / "grids")])
+    concept_args = ["--model", str(folder), "--adapters", str(concept), "--truncations", "none", "4", "--images", "1",
+                    "--steps", "1", "--judge-scenes", "1", "--colours", "red", "--grids", str(tmp_path / "grids"),
+                    "--json", str(tmp_path / "concept.json")]
+    from mmkit.diffusion.pixel_pipeline import PixelTextToImagePipeline
+    from mmkit.eval.report import PartialSamples
+
+    calls, real, finish = [], PixelTextToImagePipeline.__call__, PartialSamples.finish
+    PixelTextToImagePipeline.__call__ = lambda *a, **k: calls.append(1) or real(*a, **k)
+    PartialSamples.finish = lambda self: None  # as if stopped before the report: the samples stay on disk
+    try:
+        first = _recipe("eval_concept").main(concept_args)
+        assert len(calls) == 6  # 3 variants x 2 prompts
+        kept = tmp_path / "concept.json.partial.safetensors"
+        assert kept.is_file() and len(PartialSamples(kept, {}).items) == 0  # other settings: nothing reused
+        PartialSamples.finish = finish
+        report = _recipe("eval_concept").main(concept_args)  # resumes: every prompt from the kept file
+    finally:
+        PixelTextToImagePipeline.__call__, PartialSamples.finish = real, finish
+    assert len(calls) == 6 and report["variants"] == first["variants"] and not kept.exists()
     assert report["concept"] == {"shape": "cross", "colour": "yellow"} and report["edit_colours"] == ["red"]
     assert len(report["variants"]) == 3  # the base model's words, NeTI untruncated and at 4
     assert report["judge_on_renders"]["shape"] == 1.0  # the extended judge reads real crosses

@@ -85,9 +85,19 @@ class PartialSamples:
             self.path.unlink(missing_ok=True)
 
 
+def weight_stamps(paths) -> dict:
+    """Size and modification time of every safetensors file under ``paths`` (model and adapter folders or files),
+    for :class:`PartialSamples` settings: a model retrained in place does not reuse the old one's samples."""
+    stamps = {}
+    for path in map(Path, paths):
+        for f in sorted(path.rglob("*.safetensors") if path.is_dir() else [path]):
+            stamps[str(f)] = [f.stat().st_size, f.stat().st_mtime_ns]
+    return stamps
+
+
 def partial_path(report: Path | None) -> Path | None:
     """Where the samples of an evaluation writing ``report`` are kept until it ends (None without a report)."""
     return None if report is None else report.with_name(report.name + ".partial.safetensors")
 
 
-__all__ = ["PartialSamples", "add_sampling_arguments", "partial_path", "run_report"]
+__all__ = ["PartialSamples", "add_sampling_arguments", "partial_path", "run_report", "weight_stamps"]

@@ -43,7 +43,7 @@ from mmkit.diffusion.loading import load_pipeline
 from mmkit.diffusion.pixel_pipeline import SAMPLERS, with_sampler
 from mmkit.diffusion.t2i_data import held_out_prompts, t2i_world
 from mmkit.eval.paired import format_paired, paired_difference
-from mmkit.eval.report import PartialSamples, add_sampling_arguments, partial_path, run_report
+from mmkit.eval.report import PartialSamples, add_sampling_arguments, partial_path, run_report, weight_stamps
 from mmkit.eval.shapes_judge import JudgeConfig, judge_accuracy, prompt_following, prompt_following_accuracy
 
 METRICS = ("all", "objects", "colour", "shape", "count", "relation")
@@ -65,15 +65,6 @@ def variant_patches(flags: str, steps: int) -> list:
     parser = argparse.ArgumentParser(prog="variant", add_help=False)
     add_patch_arguments(parser)
     return build_patches(parser.parse_args(shlex.split(flags)), steps)
-
-
-def weight_stamps(paths: list[Path]) -> dict:
-    """Size and modification time of every safetensors file under ``paths`` (the model and adapter folders)."""
-    stamps = {}
-    for path in paths:
-        for f in sorted(path.rglob("*.safetensors") if path.is_dir() else [path]):
-            stamps[str(f)] = [f.stat().st_size, f.stat().st_mtime_ns]
-    return stamps
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

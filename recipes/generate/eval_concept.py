@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 
 from mmkit.adapters import load_adapter
+from mmkit.assets import DEFAULT_T2I_MODEL
 from mmkit.cli import run_guarded
 from mmkit.data.images import image_grid
 from mmkit.data.shapes import SPLIT_SEED_RANGES, ShapesWorldConfig, sample_scene
 from mmkit.diffusion import patch
 from mmkit.diffusion.loading import load_pipeline
 from mmkit.diffusion.neti import NeTIPatch
-from mmkit.eval.report import add_sampling_arguments, run_report
+from mmkit.eval.report import PartialSamples, add_sampling_arguments, partial_path, run_report, weight_stamps
 from mmkit.eval.shapes_judge import JudgeConfig, judge_accuracy, prompt_following
 
 
@@ -85,11 +86,23 @@ def evaluate(args: argparse.Namespace) -> dict:
         renders += [sample_scene(first + i, w) for i in range(args.judge_scenes)]
     judge_acc = judge_accuracy(renders, config=judge_cfg, size=world.image_size)
 
-    def sample(prompt: str, patches: list) -> torch.Tensor:
+    # every sampled prompt is kept next to the --json report until it is written: a stopped run resumes
+    model_dir = Path(args.model) if args.model is not None else DEFAULT_T2I_MODEL
+    saved = PartialSamples(partial_path(args.json), {
+        "model": str(model_dir), "weights": weight_stamps([model_dir, *args.adapters]),
+        "adapters": [str(a) for a in args.adapters], "truncations": args.truncations, "images": args.images,
+        "steps": args.steps, "guidance": args.guidance, "seed": args.seed})
+
+    def sample(variant: str, prompt: str, patches: list) -> torch.Tensor:
+        kept = saved.get(f"{variant}|{prompt}")
+        if kept is not None:
+            return kept[0]
         generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.images)]
         with patch(pipe, *patches) if patches else contextlib.nullcontext():
-            return pipe([prompt], num_images_per_prompt=args.images, num_inference_steps=args.steps,
-                        guidance_scale=args.guidance, generator=generators, output_type="pt").images
+            images = pipe([prompt], num_images_per_prompt=args.images, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, generator=generators, output_type="pt").images
+        saved.put(f"{variant}|{prompt}", images, 0.0)
+        return images
 
     variants: dict[str, dict] = {}
     grids: dict[str, list] = {}
@@ -100,7 +113,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         row, tiles = {}, []
         for colour in tqdm([trained_colour, *colours], desc=name, unit="prompt", leave=False):
             prompt = f"a {token}" if colour == trained_colour and token != shape else f"a {colour} {token}"
-            images = sample(prompt, make_patches())
+            images = sample(name, prompt, make_patches())
             row[colour] = score(images, colour, shape, judge_cfg)
             tiles.append(images)
         edit = [row[c] for c in colours]
@@ -122,6 +135,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         for name, tiles in grids.items():
             slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
             image_grid(torch.cat(tiles), cols=args.images).save(args.grids / f"{slug}.png")
+    saved.finish()
     return {"model": str(args.model or "assets/t2i/shapes"), "concept": {"shape": shape, "colour": trained_colour},
             "edit_colours": colours, "images_per_prompt": args.images, "steps": args.steps, "guidance": args.guidance,
             "seed": args.seed, "judge_on_renders": judge_acc, "variants": variants}
