@@ -68,9 +68,9 @@ class PartialSamples:
 
     def put(self, key: str, images, seconds: float) -> None:
         """Keep ``images`` for ``key`` and rewrite the file (atomically: a stop mid-write keeps the last one)."""
-        self.items[key] = (images.detach().to("cpu").contiguous(), float(seconds))
-        if self.path is None:
+        if self.path is None:  # nothing to resume from: the caller holds the images already
             return
+        self.items[key] = (images.detach().to("cpu").contiguous(), float(seconds))
         from safetensors.torch import save_file
 
         keys = list(self.items)
