@@ -148,12 +148,14 @@ def cell_centres(index: Tensor, grid: tuple[int, int], image_size: tuple[int, in
     crop, :meth:`~mmkit.encoders.VisionEncoder.view_box`); None: the whole image."""
     h, w = grid
     height, width = image_size
-    if box is None:
-        box = torch.tensor([0.0, 0.0, float(width), float(height)], device=index.device).expand(index.shape[0], 4)
-    box = box.to(device=index.device, dtype=torch.float32)
-    x0, y0, x1, y1 = (box[:, i, None] for i in range(4))  # (B, 1) each
-    x = x0 + ((index % w).float() + 0.5) * ((x1 - x0) / w) - 0.5
-    y = y0 + ((index // w).float() + 0.5) * ((y1 - y0) / h) - 0.5
+    if box is None:  # the whole image: plain arithmetic, no tensor built per call
+        x = ((index % w).float() + 0.5) * (width / w) - 0.5
+        y = ((index // w).float() + 0.5) * (height / h) - 0.5
+    else:
+        box = box.to(device=index.device, dtype=torch.float32)
+        x0, y0, x1, y1 = (box[:, i, None] for i in range(4))  # (B, 1) each
+        x = x0 + ((index % w).float() + 0.5) * ((x1 - x0) / w) - 0.5
+        y = y0 + ((index // w).float() + 0.5) * ((y1 - y0) / h) - 0.5
     return torch.stack([x.clamp(0, width - 1), y.clamp(0, height - 1)], dim=-1)
 
 
