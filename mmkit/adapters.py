@@ -8,6 +8,7 @@ An adapter folder holds ``adapter.json`` ({"kind", "config", "metadata"}) and ``
     connector.save_adapter("out/connector", metadata={"training": {...}})
     connector, metadata = load_adapter("out/connector")           # any registered kind
     load_adapter_weights(model.connector, "out/step-000400/connector")   # into an existing module (resume)
+    cast_saved("out/final", "assets/my-model", torch.float16)   # a copy at half the size (loads back as fp32)
 
 Loading never unpickles, checks every tensor's shape against the config, and refuses files that are not
 safetensors, that hold NaN / inf, or that hold nothing but zeros, naming the file.
@@ -199,6 +200,43 @@ def load_adapter_weights(adapter: Adapter, directory: str | os.PathLike) -> dict
     return metadata
 
 
+def cast_saved(source: str | os.PathLike, destination: str | os.PathLike, dtype: torch.dtype = torch.float16) -> list[Path]:
+    """Copy an adapter folder, or a bundle of them, to ``destination`` with every floating tensor of its weight
+    files cast to ``dtype`` (fp16 / bf16 halves a checkpoint for shipping; loading copies the values back into
+    the module's own dtype). Other files are copied unchanged. Returns the weight files written.
+
+    Refuses a ``destination`` that exists and is not empty, a ``source`` without any adapter weights, and a
+    cast that would turn finite values into inf (fp16 above 65504), naming the tensor."""
+    import shutil
+
+    from safetensors.torch import save
+
+    source, destination = Path(source), Path(destination)
+    if not source.is_dir():
+        raise FileNotFoundError(f"no adapter or bundle folder {source}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"cast_saved casts to a floating dtype (torch.float16, torch.bfloat16, ...), got {dtype}")
+    weights = sorted(p for p in source.rglob("*.safetensors")
+                     if p.name in {WEIGHTS_NAME, *(w for _, w in LEGACY_NAMES)})
+    if not weights:
+        raise ValueError(f"{source} holds no {WEIGHTS_NAME} (an adapter folder, or a bundle of adapter folders)")
+    if destination.exists() and any(destination.iterdir()):
+        raise FileExistsError(f"{destination} exists and is not empty; choose a new folder")
+    cast = {}  # relative path -> the new file's bytes; all computed before anything is written
+    for path in weights:
+        state = read_safetensors(path)
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        for key, value in out.items():
+            if value.is_floating_point() and not torch.isfinite(value).all() and torch.isfinite(state[key]).all():
+                raise ValueError(f"{path}: tensor {key!r} overflows {dtype} (largest magnitude "
+                                 f"{state[key].abs().max().item():.4g}); keep it at {state[key].dtype}")
+        cast[path.relative_to(source)] = save({k: v.contiguous() for k, v in out.items()})
+    shutil.copytree(source, destination, dirs_exist_ok=True)
+    for relative, data in cast.items():
+        atomic_write_bytes(destination / relative, data)
+    return [destination / relative for relative in cast]
+
+
 __all__ = [
     "ADAPTERS",
     "CONFIG_NAME",
@@ -208,6 +246,7 @@ __all__ = [
     "adapter_files",
     "adapter_kinds",
     "build_adapter",
+    "cast_saved",
     "is_adapter_folder",
     "load_adapter",
     "load_adapter_weights",

@@ -144,3 +144,39 @@ def test_the_shipped_connector_still_loads():
     bundle = read_bundle(folder)
     connector, _ = load_adapter(bundle["adapters"]["connector"])
     assert connector.kind == "vlap" and bundle["parts"]["encoder"]["spec"] == "timm:tf_efficientnet_lite0"
+
+
+def test_cast_saved_halves_a_bundle_that_loads_back_in_the_modules_dtype(tiny_parts, llm, tmp_path):
+    from mmkit.adapters import cast_saved
+    from mmkit.encoders import load_encoder
+
+    encoder = load_encoder(f"hf:{tiny_parts / 'vision'}")
+    model = VisionLanguageModel(encoder, connector_for("vlap", llm, encoder.dim), llm, caption_prompt="<image> caption :")
+    model.save_pretrained(tmp_path / "bundle", llm_name=str(tiny_parts / "llm"))
+    written = cast_saved(tmp_path / "bundle", tmp_path / "half")
+    assert written == [tmp_path / "half" / "connector" / "adapter.safetensors"]
+    assert (tmp_path / "half" / "bundle.json").read_text() == (tmp_path / "bundle" / "bundle.json").read_text()
+    from safetensors.torch import load_file
+
+    saved, half = load_file(str(tmp_path / "bundle/connector/adapter.safetensors")), load_file(str(written[0]))
+    assert saved.keys() == half.keys() and all(
+        v.dtype == (torch.float16 if saved[k].is_floating_point() else saved[k].dtype) for k, v in half.items())
+    rebuilt = VisionLanguageModel.from_pretrained(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in rebuilt.connector.parameters())
+    for name, p in rebuilt.connector.state_dict().items():  # the fp16 values, back in fp32
+        assert torch.equal(p, model.connector.state_dict()[name].half().float()), name
+    # refused: an occupied destination, a folder without adapter weights, a cast that overflows, a non-float dtype
+    with pytest.raises(FileExistsError, match="half exists and is not empty"):
+        cast_saved(tmp_path / "bundle", tmp_path / "half")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ValueError, match="plain holds no adapter.safetensors"):
+        cast_saved(tmp_path / "plain", tmp_path / "x")
+    big = build_connector("linear", vision_dim=4, llm_dim=3)
+    with torch.no_grad():
+        next(big.parameters()).fill_(1e6)
+    big.save_adapter(tmp_path / "big")
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        cast_saved(tmp_path / "big", tmp_path / "big16")
+    assert not (tmp_path / "big16").exists()  # nothing written when a cast fails
+    with pytest.raises(ValueError, match="floating dtype"):
+        cast_saved(tmp_path / "bundle", tmp_path / "ints", torch.int8)

@@ -15,7 +15,7 @@ import torch
 from mmkit.data.shapes import Scene, SceneObject, render_scene
 from mmkit.data.shapes_language import caption
 from mmkit.diffusion import AgentSD, ToMe, patch
-from mmkit.diffusion.pixel_pipeline import PixelTextToImagePipeline
+from mmkit.diffusion.pixel_pipeline import SAMPLERS, PixelTextToImagePipeline, pixel_sampler, with_sampler
 from mmkit.diffusion.t2i_data import ShapesT2IData, T2IDataConfig, held_out_prompts
 from mmkit.eval.shapes_judge import (
     JudgeConfig,
@@ -113,6 +113,25 @@ def test_pipeline_batches_cond_and_uncond_like_sd(pipe):
         pipe("a red star", num_inference_steps=1, output_type="latent")
     with pytest.raises(TypeError, match="prompt must be a string"):
         pipe(3, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_registered_sampler_samples_on_the_training_schedule(pipe, name):
+    """Each sampler of the registry keeps the pipeline's training schedule, starts at its last timestep
+    ("trailing" spacing) and gives images in range; with_sampler swaps it in place, unknown names are refused."""
+    p = PixelTextToImagePipeline(unet=pipe.unet, scheduler=pipe.scheduler, text_encoder=pipe.text_encoder,
+                                 tokenizer=pipe.tokenizer, text_encoder_source=pipe.text_encoder_source, max_length=12)
+    p.set_progress_bar_config(disable=True)
+    assert with_sampler(p, name) is p and pipe.scheduler is not p.scheduler
+    c, base = p.scheduler.config, pipe.scheduler.config
+    assert (c.num_train_timesteps, c.beta_schedule, c.prediction_type) == (
+        base.num_train_timesteps, base.beta_schedule, base.prediction_type)
+    p.scheduler.set_timesteps(4)
+    assert int(p.scheduler.timesteps[0]) == c.num_train_timesteps - 1
+    images = _run(p, ["a small red circle"], steps=4)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all() and 0 <= images.min() <= images.max() <= 1
+    with pytest.raises(ValueError, match="accepted: \\['ddim'"):
+        pixel_sampler("euler", num_train_timesteps=10, beta_schedule="linear", prediction_type="epsilon")
 
 
 def test_save_load_round_trip_is_exact_and_references_the_text_encoder(pipe, saved):

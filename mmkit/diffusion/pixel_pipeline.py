@@ -290,7 +290,27 @@ class PixelTextToImagePipeline(DiffusionPipeline):
         )
 
 
-SAMPLERS = ("ddim", "dpm", "ddpm")
+def _ddim(common: dict):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**common, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True)
+
+
+def _dpm(common: dict):
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, thresholding=True,
+                                       sample_max_value=1.0)
+
+
+def _ddpm(common: dict):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**common, clip_sample=True, clip_sample_range=1.0)
+
+
+# name -> builder(common scheduler kwargs); the registry the CLI choices and config checks read
+SAMPLERS = {"ddim": _ddim, "dpm": _dpm, "ddpm": _ddpm}
 
 
 def pixel_sampler(name: str, *, num_train_timesteps: int, beta_schedule: str, prediction_type: str):
@@ -301,18 +321,10 @@ def pixel_sampler(name: str, *, num_train_timesteps: int, beta_schedule: str, pr
     All use "trailing" timestep spacing, so sampling starts at the last training timestep (pure noise
     for a zero-terminal-SNR schedule such as ``squaredcos_cap_v2``) whatever the number of steps.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                  prediction_type=prediction_type, timestep_spacing="trailing")
-    if name == "ddim":
-        return DDIMScheduler(**common, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True)
-    if name == "dpm":
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                           thresholding=True, sample_max_value=1.0)
-    if name == "ddpm":
-        return DDPMScheduler(**common, clip_sample=True, clip_sample_range=1.0)
-    raise ValueError(f"unknown sampler {name!r}; accepted: {list(SAMPLERS)}")
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; accepted: {list(SAMPLERS)}")
+    return SAMPLERS[name](dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                               prediction_type=prediction_type, timestep_spacing="trailing"))
 
 
 def with_sampler(pipe: PixelTextToImagePipeline, name: str) -> PixelTextToImagePipeline:
