@@ -13,6 +13,7 @@ from mmkit.data.clips import (
     clip_caption,
     clip_frames,
     clip_questions,
+    sample_clip,
 )
 
 
@@ -42,6 +43,32 @@ def test_clips_are_a_function_of_the_seed_and_the_questions_are_true():
                 assert qa.answer == ("yes" if first_named.appear < other.appear else "no")
     assert kinds == set(KINDS)
     assert clip_caption(clips.clip(0)).count("appears") == len(clips.clip(0).objects)
+
+
+def _longest_seen_is_first(clip) -> bool:
+    """The order-blind guess at "which shape appeared first?": the object seen in the most frames (a tie: no)."""
+    seen = sorted(((o.disappear - o.appear), o.appear) for o in clip.objects)
+    return seen[-1][0] > seen[-2][0] and seen[-1][1] == min(o.appear for o in clip.objects)
+
+
+def test_a_common_lifetime_removes_the_longest_seen_shortcut_and_none_keeps_the_older_clips():
+    clips = ShapesWorldClips(ClipConfig(), split="val", size=300)
+    for i in range(300):
+        clip = clips.clip(i)
+        assert {o.disappear - o.appear for o in clip.objects} == {4}  # 2 s at 2 fps, every object
+        assert max(o.disappear for o in clip.objects) <= 8
+        assert any(qa.kind == "motion" for qa in clip_questions(clip)) or all(
+            max(abs(v) for v in o.obj.velocity) < 0.03 for o in clip.objects)
+    # the older clips (lifetime None), kept for their results: there the longest-seen object is the first to
+    # appear in most clips, an answer to "first" that needs no order
+    old = ShapesWorldClips(ClipConfig(lifetime=None), split="val", size=300)
+    pinned = [(o.name, o.appear, o.disappear) for o in sample_clip(20_000_011, ClipConfig(lifetime=None)).objects]
+    assert pinned == [("green hexagon", 0, 4), ("blue star", 1, 8), ("purple diamond", 2, 8)]  # as made before
+    assert sum(_longest_seen_is_first(old.clip(i)) for i in range(300)) > 0.7 * 300
+    assert not any(_longest_seen_is_first(clips.clip(i)) for i in range(300))
+    for bad in (0.25, 3.5, 0.0):  # half a frame; leaves too few frames to appear at for 3 objects; none at all
+        with pytest.raises(ValueError, match="ClipConfig.lifetime"):
+            ClipConfig(lifetime=bad)
 
 
 def test_frames_show_objects_only_while_visible_and_tones_sound_at_appearances():

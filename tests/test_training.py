@@ -45,7 +45,7 @@ def test_every_registered_data_source_follows_the_protocol(tmp_path):
     refs = export_refcoco(world, tmp_path / "refcoco")
     options = {
         "shapesworld": {"render_size": 32},
-        "shapesworld_clips": {"render_size": 32, "duration": 2.0},
+        "shapesworld_clips": {"render_size": 32, "duration": 2.0, "lifetime": 1.0},
         "coco": {"captions": str(coco), "images": str(coco.parent / "images")},
         "vqa": {"questions": str(vqa[0]), "annotations": str(vqa[1]), "images": str(vqa[0].parent / "images")},
         "shapesworld_refer": {"render_size": 32},
@@ -211,3 +211,53 @@ def test_checkpoints_carry_the_random_stream(tmp_path):
     load_training_state(folder)
     assert torch.equal(torch.rand(4), unbroken)
     assert (folder / "rng.safetensors").is_file()
+
+
+def test_the_feature_cache_resumes_from_the_batches_kept_before_a_stop(tmp_path):
+    """A cache build stopped part way (here: the loader fails on item 7) keeps its finished batches; the next
+    build encodes only the rest, gives the same features as one uninterrupted build, and removes the kept
+    batches once the cache file is written. Kept batches of another signature are not reused."""
+    from types import SimpleNamespace
+
+    from mmkit.data.features import cached_features
+
+    class Counting:
+        def __init__(self):
+            self.seen = []
+
+        def encode(self, images):
+            self.seen += images
+            return SimpleNamespace(tokens=torch.stack([torch.full((2, 3), i / 3) for i in images]))
+
+    ids = [f"item-{i}" for i in range(10)]
+
+    def failing(i):
+        if i == 7:
+            raise RuntimeError("stopped")
+        return i
+
+    path, whole = tmp_path / "cache.safetensors", tmp_path / "whole.safetensors"
+    first = Counting()
+    with pytest.raises(RuntimeError, match="stopped"):
+        cached_features(path, encoder=first, ids=ids, load=failing, signature={"v": 1}, batch_size=3)
+    assert first.seen == list(range(6)) and not path.exists()
+    assert sorted(p.name for p in (tmp_path / "cache.safetensors.partial").iterdir()) == [
+        "00000000-00000003.safetensors", "00000003-00000006.safetensors"]
+    second = Counting()
+    resumed = cached_features(path, encoder=second, ids=ids, load=lambda i: i, signature={"v": 1}, batch_size=3)
+    assert second.seen == [6, 7, 8, 9] and not (tmp_path / "cache.safetensors.partial").exists()
+    plain = cached_features(whole, encoder=Counting(), ids=ids, load=lambda i: i, signature={"v": 1}, batch_size=3)
+    assert torch.equal(resumed, plain) and resumed.dtype == torch.float32 and resumed.shape == (10, 2, 3)
+    # the first build returns what later runs load from the (fp16) file
+    again = Counting()
+    assert torch.equal(cached_features(path, encoder=again, ids=ids, load=lambda i: i, signature={"v": 1},
+                                       batch_size=3), resumed) and again.seen == []
+    assert not torch.equal(resumed, torch.stack([torch.full((2, 3), i / 3) for i in range(10)]))  # fp16-rounded
+    # kept batches from another signature are encoded again
+    with pytest.raises(RuntimeError, match="stopped"):
+        cached_features(tmp_path / "other.safetensors", encoder=Counting(), ids=ids, load=failing, signature={"v": 1},
+                        batch_size=3)
+    third = Counting()
+    cached_features(tmp_path / "other.safetensors", encoder=third, ids=ids, load=lambda i: i, signature={"v": 2},
+                    batch_size=3)
+    assert third.seen == list(range(10))

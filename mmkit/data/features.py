@@ -1,13 +1,17 @@
 """Frozen-encoder feature cache: encode every training image once, train the connector many times.
 
 The cache is one safetensors file holding ``features`` (num_items, N, D) plus a JSON header naming the
-encoder and the item ids, so a stale cache (other encoder, other items) is detected and rebuilt.
+encoder and the item ids, so a stale cache (other encoder, other items) is detected and rebuilt. While it is
+being built, every finished batch is kept in a ``<cache>.partial/`` folder: a stopped run (a crash, the end of a
+session) resumes from them instead of encoding everything again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,13 +24,38 @@ from ..config import atomic_write_bytes
 
 @torch.no_grad()
 def encode_all(
-    encoder, load: Callable[[int], object], count: int, *, batch_size: int = 32, desc: str = "encoding images"
+    encoder, load: Callable[[int], object], count: int, *, batch_size: int = 32, desc: str = "encoding images",
+    keep: str | os.PathLike | None = None, fingerprint: str = "", keep_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Encoder tokens for items 0..count-1 (``load(i)`` returns a PIL image) -> (count, N, D) float32."""
-    chunks = []
-    for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch", leave=False):
-        images = [load(i) for i in range(start, min(count, start + batch_size))]
-        chunks.append(encoder.encode(images).tokens.float().cpu())
+    """Encoder tokens for items 0..count-1 (``load(i)`` returns a PIL image) -> (count, N, D) float32.
+
+    ``keep``: a folder where each finished batch is written as it comes (one small safetensors file per batch,
+    stamped with ``fingerprint``, stored as ``keep_dtype``); batches found there with the same fingerprint and
+    size are read, not encoded.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    keep = None if keep is None else Path(keep)
+    chunks, resumed = [], 0
+    bar = tqdm(range(0, count, batch_size), desc=desc, unit="batch", leave=False)
+    for start in bar:
+        stop = min(count, start + batch_size)
+        kept = None if keep is None else keep / f"{start:08d}-{stop:08d}.safetensors"
+        if kept is not None and kept.is_file():
+            with safe_open(str(kept), framework="pt") as fh:
+                if (fh.metadata() or {}).get("fingerprint") == fingerprint:
+                    tokens = fh.get_tensor("tokens")
+                    if tokens.shape[0] == stop - start:
+                        chunks.append(tokens.float())
+                        resumed += 1
+                        bar.set_postfix(kept=resumed)
+                        continue
+        tokens = encoder.encode([load(i) for i in range(start, stop)]).tokens.float().cpu()
+        if kept is not None:
+            atomic_write_bytes(kept, save({"tokens": tokens.to(keep_dtype).contiguous()},
+                                          metadata={"fingerprint": fingerprint}))
+        chunks.append(tokens)
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 
@@ -54,15 +83,18 @@ def cached_features(
             meta = fh.metadata() or {}
             if meta.get("signature") == header["signature"] and meta.get("ids") == header["ids"]:
                 return fh.get_tensor("features").float()
-    feats = encode_all(encoder, load, len(ids), batch_size=batch_size, desc=f"caching features -> {path.name}")
-    atomic_write_bytes(path, save({"features": feats.to(dtype).contiguous()}, metadata=header))
-    return feats
+    keep = path.with_name(path.name + ".partial")  # finished batches, until the cache is written
+    fingerprint = hashlib.sha256(json.dumps([header, batch_size, str(dtype)]).encode()).hexdigest()[:16]
+    feats = encode_all(encoder, load, len(ids), batch_size=batch_size, desc=f"caching features -> {path.name}",
+                       keep=keep, fingerprint=fingerprint, keep_dtype=dtype).to(dtype)
+    atomic_write_bytes(path, save({"features": feats.contiguous()}, metadata=header))
+    shutil.rmtree(keep, ignore_errors=True)
+    return feats.float()  # the values a later run loads from the file, in this run too
 
 
 def source_features(source, encoder, encoder_info: dict, cache_dir: str | os.PathLike) -> Tensor:
     """Encoder tokens (num_images, N, D) for every image of ``source`` (a :class:`~mmkit.data.sources.DataSource`),
     cached in ``cache_dir``. ``encoder_info`` = {"spec": ..., load options} identifies the encoder."""
-    import hashlib
 
     signature = {"encoder": encoder_info, "data": source.signature()}
     digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]

@@ -317,6 +317,7 @@ class ShapesWorldClipsSource(DataSource):
         render_size: int = 224
         fps: float = 2.0
         duration: float = 4.0
+        lifetime: float | None = 2.0  # seconds every object stays; None: the clips before 2026-11-30
         max_objects: int = 3
         audio: bool = True
 
@@ -326,7 +327,7 @@ class ShapesWorldClipsSource(DataSource):
         super().__init__(config)
         o = self.options
         world = _clip_world().replace(image_size=o.render_size, max_objects=o.max_objects)
-        self.dataset = ShapesWorldClips(ClipConfig(world=world, fps=o.fps, duration=o.duration), split=config.split,
+        self.dataset = ShapesWorldClips(ClipConfig(world=world, fps=o.fps, duration=o.duration, lifetime=o.lifetime), split=config.split,
                                         size=config.size)
 
     def __len__(self) -> int:
