@@ -95,6 +95,36 @@ def test_the_block_mask_lets_a_frame_see_only_its_own_side(direction):
     assert not torch.allclose(a[:, frame], b[:, frame])
 
 
+@pytest.mark.parametrize("carry", [False, True])
+def test_each_layers_causal_attention_reads_the_entering_tokens_as_the_official_code_unless_carried(carry, tmp_path):
+    """Official FAVOR: every layer's causal attention reads the window tokens as they entered (its output feeds
+    only that layer's cross-attention); ``encoder_attention_carry`` reads the previous layer's output instead.
+    Q-Formers saved before the switch existed load with it on (how they were trained)."""
+    ours = blip2_sized(encoder_attention="past", window_positions=True, num_layers=2, encoder_attention_carry=carry)
+    seen, made = [], []
+
+    def record(module, args, out):
+        seen.append(args[0])
+        made.append(out)
+
+    hooks = [layer.encoder_attention.register_forward_hook(record) for layer in ours.layers]
+    with torch.no_grad():
+        ours(torch.randn(2, 12, 40))
+    for h in hooks:
+        h.remove()
+    assert torch.equal(seen[1], made[0] if carry else seen[0]) and not torch.equal(made[0], seen[0])
+    # a connector saved before the switch existed (no field) loads with the carried states it was trained with
+    import json
+
+    from mmkit.adapters import load_adapter
+
+    ours.save_adapter(tmp_path / "q")
+    payload = json.loads((tmp_path / "q" / "adapter.json").read_text())
+    del payload["config"]["encoder_attention_carry"]
+    (tmp_path / "q" / "adapter.json").write_text(json.dumps(payload))
+    assert load_adapter(tmp_path / "q")[0].config.encoder_attention_carry is True
+
+
 def test_windows_are_ragged_per_clip_and_independent_of_padding():
     ours = blip2_sized(encoder_attention="past", window_positions=True)
     clip = torch.randn(1, 5 * 4, 40)  # 5 frames of 4 tokens
@@ -145,6 +175,7 @@ def test_the_connector_compiles_into_one_graph():
 def test_favors_defaults():
     cfg = build_connector("qformer", vision_dim=1536, llm_dim=4096).config
     assert (cfg.num_layers, cfg.num_queries, cfg.hidden_size, cfg.num_heads, cfg.cross_attention_every,
-            cfg.frames_per_window, cfg.encoder_attention, cfg.diversity_weight) == (2, 32, 768, 12, 1, 10, "past", 0.01)
+            cfg.frames_per_window, cfg.encoder_attention, cfg.diversity_weight, cfg.encoder_attention_carry) == (
+        2, 32, 768, 12, 1, 10, "past", 0.01, False)
     with pytest.raises(ValueError, match="encoder_attention must be one of"):
         build_connector("qformer", vision_dim=8, llm_dim=8, encoder_attention="causal")

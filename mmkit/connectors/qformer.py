@@ -10,6 +10,9 @@ masked) and every window of the batch goes through one batched Q-Former call:
   per-frame block mask (``encoder_attention="past"``: a frame sees itself and earlier frames, as the paper
   describes; ``"future"``: itself and later frames, what the official code's ``triu`` builds; ``"none"``:
   no encoder attention, plain BLIP-2); then cross-attention of the queries to the window's tokens; FFN.
+  As in the official code, each layer's causal attention reads the window's tokens as they entered the
+  Q-Former and feeds only that layer's cross-attention (``encoder_attention_carry=True``: each layer reads the
+  previous layer's output instead, as mmkit did before 2026-11-30).
   Attention blocks are BERT-style (post-norm residual). Window tokens get learned per-position embeddings
   and a LayerNorm first (``window_positions``).
 - ``Linear(hidden -> llm_dim)`` out: ``num_queries`` tokens per window go to the LLM, so a clip's token
@@ -50,6 +53,7 @@ class QFormerConfig(ConnectorConfig):
     tokens_per_frame: int = 32
     frames_per_window: int = 10
     encoder_attention: str = "past"
+    encoder_attention_carry: bool = False
     window_positions: bool = True
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
@@ -110,7 +114,7 @@ class QFormerLayer(nn.Module):
         super().__init__()
         common = dict(eps=cfg.layer_norm_eps, dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout)
         self.attention = BertAttention(cfg.hidden_size, cfg.num_heads, **common)
-        self.has_cross_attention = cross
+        self.has_cross_attention, self.carry = cross, cfg.encoder_attention_carry
         if cross:
             self.crossattention = BertAttention(cfg.hidden_size, cfg.num_heads, kv_dim=cfg.vision_dim, **common)
             if cfg.encoder_attention != "none":
@@ -125,13 +129,14 @@ class QFormerLayer(nn.Module):
     def forward(self, queries: Tensor, window: Tensor, encoder_mask, cross_mask) -> tuple[Tensor, Tensor]:
         """queries (W, Q, hidden), window (W, M, D) -> both updated."""
         queries = self.attention(queries)
+        mixed = window
         if self.has_cross_attention:
             if hasattr(self, "encoder_attention"):
-                window = self.encoder_attention(window, mask=encoder_mask)  # the causal part
-            queries = self.crossattention(queries, window, mask=cross_mask)
+                mixed = self.encoder_attention(window, mask=encoder_mask)  # the causal part
+            queries = self.crossattention(queries, mixed, mask=cross_mask)
         hidden = F.gelu(self.intermediate_query.dense(queries))
         out = self.output_query.dropout(self.output_query.dense(hidden))
-        return self.output_query.LayerNorm(out + queries), window
+        return self.output_query.LayerNorm(out + queries), (mixed if self.carry else window)
 
 
 class QFormerConnector(Connector):
@@ -156,6 +161,11 @@ class QFormerConnector(Connector):
             QFormerLayer(cfg, cross=i % cfg.cross_attention_every == 0) for i in range(cfg.num_layers)
         )
         self.proj = nn.Linear(cfg.hidden_size, cfg.llm_dim)
+
+    @classmethod
+    def upgrade_saved_config(cls, config: dict) -> dict:
+        """Q-Formers saved before ``encoder_attention_carry`` existed carried the window states layer to layer."""
+        return config if "encoder_attention_carry" in config else {**config, "encoder_attention_carry": True}
 
     @classmethod
     def example_config(cls, vision_dim: int, llm_dim: int) -> dict:
