@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .config import StrictConfig, atomic_write_bytes, atomic_write_text
+from .config import StrictConfig, atomic_write_bytes, atomic_write_folder, atomic_write_text
 from .registry import Registry
 
 CONFIG_NAME = "adapter.json"
@@ -34,6 +34,10 @@ WEIGHTS_NAME = "adapter.safetensors"
 LEGACY_NAMES = (("connector.json", "connector.safetensors"),)
 
 ADAPTERS: Registry[type[Adapter]] = Registry("adapter kind")
+
+
+class AdapterMismatch(ValueError):
+    """A saved adapter that reads fine but is not the adapter it is loaded into (another kind or settings)."""
 
 
 @dataclass
@@ -182,20 +186,28 @@ def load_adapter(directory: str | os.PathLike, *, family: str | None = None) -> 
 def load_adapter_weights(adapter: Adapter, directory: str | os.PathLike) -> dict:
     """Copy the weights saved in ``directory`` into an existing ``adapter`` (resuming, diagnostics).
 
-    The saved adapter must be of the same kind with tensors of the same shapes; otherwise one error names
-    the folder, what it holds and what the target expects. Returns the saved metadata.
+    The saved adapter must be of the same kind, with the same settings (its saved config, brought up to date,
+    equal to the target's) and tensors of the same shapes; otherwise one :class:`AdapterMismatch` names the
+    folder, what it holds and what the target expects. Returns the saved metadata.
     """
     loaded, metadata = load_adapter(directory)
     if loaded.kind != adapter.kind:
-        raise ValueError(f"{directory} holds a {loaded.kind!r} {loaded.family}; this model's {adapter.family} is "
-                         f"{adapter.kind!r} ({adapter.config.to_dict()})")
+        raise AdapterMismatch(f"{directory} holds a {loaded.kind!r} {loaded.family}; this model's {adapter.family} "
+                              f"is {adapter.kind!r} ({adapter.config.to_dict()})")
     skip = adapter.data_buffers
     state = {k: v for k, v in loaded.state_dict().items() if not (k in skip and v.numel() == 0)}  # absent in file
     expected, got = _shapes(adapter.state_dict(), skip), _shapes(state, skip)
     if expected != got:
-        raise ValueError(f"{directory} does not fit this model's {adapter.kind} {adapter.family}: the folder's "
-                         f"config {loaded.config.to_dict()} gives tensors {got}; the model's config "
-                         f"{adapter.config.to_dict()} needs {expected}")
+        raise AdapterMismatch(f"{directory} does not fit this model's {adapter.kind} {adapter.family}: the folder's "
+                              f"config {loaded.config.to_dict()} gives tensors {got}; the model's config "
+                              f"{adapter.config.to_dict()} needs {expected}")
+    saved, wanted = (json.loads(json.dumps(a.config.to_dict())) for a in (loaded, adapter))  # tuples as lists
+    differ = {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)}
+    if differ:  # same shapes, other maths (e.g. a switch added since the folder was written): not the same model
+        raise AdapterMismatch(
+            f"{directory} was saved with other {adapter.kind} settings than this model's: "
+            + ", ".join(f"{k} (saved {a!r}, model {b!r})" for k, (a, b) in differ.items())
+            + "; build the model with the saved settings (e.g. the run's config or an override) to continue it")
     adapter.load_state_dict(state, strict=False)  # keys and shapes checked above
     return metadata
 
@@ -231,14 +243,20 @@ def cast_saved(source: str | os.PathLike, destination: str | os.PathLike, dtype:
                 raise ValueError(f"{path}: tensor {key!r} overflows {dtype} (largest magnitude "
                                  f"{state[key].abs().max().item():.4g}); keep it at {state[key].dtype}")
         cast[path.relative_to(source)] = save({k: v.contiguous() for k, v in out.items()})
-    shutil.copytree(source, destination, dirs_exist_ok=True)
-    for relative, data in cast.items():
-        atomic_write_bytes(destination / relative, data)
+    def write(tmp: Path) -> None:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        for relative, data in cast.items():
+            (tmp / relative).write_bytes(data)
+
+    if destination.exists():
+        destination.rmdir()  # empty (checked above): atomic_write_folder renames into place
+    atomic_write_folder(destination, write)  # a crash never leaves a half-cast folder behind
     return [destination / relative for relative in cast]
 
 
 __all__ = [
     "ADAPTERS",
+    "AdapterMismatch",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "Adapter",

@@ -45,18 +45,23 @@ def test_clips_are_a_function_of_the_seed_and_the_questions_are_true():
     assert clip_caption(clips.clip(0)).count("appears") == len(clips.clip(0).objects)
 
 
-def _longest_seen_is_first(clip) -> bool:
-    """The order-blind guess at "which shape appeared first?": the object seen in the most frames (a tie: no)."""
-    seen = sorted(((o.disappear - o.appear), o.appear) for o in clip.objects)
-    return seen[-1][0] > seen[-2][0] and seen[-1][1] == min(o.appear for o in clip.objects)
-
-
 def test_a_common_lifetime_removes_the_longest_seen_shortcut_and_none_keeps_the_older_clips():
-    clips = ShapesWorldClips(ClipConfig(), split="val", size=300)
+    cfg = ClipConfig()
+    clips = ShapesWorldClips(cfg, split="val", size=300)
+    frames = cfg.num_frames
     for i in range(300):
         clip = clips.clip(i)
         assert {o.disappear - o.appear for o in clip.objects} == {4}  # 2 s at 2 fps, every object
-        assert max(o.disappear for o in clip.objects) <= 8
+        # played backwards it is another clip of the same kind (appearances inside the range the generator
+        # draws from, distinct) with the same frames, first and last swapped: order-blind, "first" is a coin toss
+        backwards = {o.name: frames - o.disappear for o in clip.objects}
+        assert len(set(backwards.values())) == len(backwards) and 0 <= min(backwards.values())
+        assert max(backwards.values()) <= frames - 4
+        seen = sorted(sorted(o.name for o in clip.visible_at(f)) for f in range(frames))
+        seen_backwards = sorted(sorted(n for n, a in backwards.items() if a <= f < a + 4) for f in range(frames))
+        assert seen == seen_backwards
+        order = sorted(clip.objects, key=lambda o: o.appear)
+        assert min(backwards, key=backwards.get) == order[-1].name
         assert any(qa.kind == "motion" for qa in clip_questions(clip)) or all(
             max(abs(v) for v in o.obj.velocity) < 0.03 for o in clip.objects)
     # the older clips (lifetime None), kept for their results: there the longest-seen object is the first to
@@ -64,9 +69,13 @@ def test_a_common_lifetime_removes_the_longest_seen_shortcut_and_none_keeps_the_
     old = ShapesWorldClips(ClipConfig(lifetime=None), split="val", size=300)
     pinned = [(o.name, o.appear, o.disappear) for o in sample_clip(20_000_011, ClipConfig(lifetime=None)).objects]
     assert pinned == [("green hexagon", 0, 4), ("blue star", 1, 8), ("purple diamond", 2, 8)]  # as made before
-    assert sum(_longest_seen_is_first(old.clip(i)) for i in range(300)) > 0.7 * 300
-    assert not any(_longest_seen_is_first(clips.clip(i)) for i in range(300))
-    for bad in (0.25, 3.5, 0.0):  # half a frame; leaves too few frames to appear at for 3 objects; none at all
+
+    def longest_seen_is_first(clip) -> bool:
+        seen = sorted(((o.disappear - o.appear), o.appear) for o in clip.objects)
+        return seen[-1][0] > seen[-2][0] and seen[-1][1] == min(o.appear for o in clip.objects)
+
+    assert sum(longest_seen_is_first(old.clip(i)) for i in range(300)) > 0.7 * 300
+    for bad in (0.25, 3.5, 0.0, "2", True, float("nan")):  # half a frame; too few frames to appear at; ...
         with pytest.raises(ValueError, match="ClipConfig.lifetime"):
             ClipConfig(lifetime=bad)
 

@@ -123,6 +123,11 @@ def test_each_layers_causal_attention_reads_the_entering_tokens_as_the_official_
     del payload["config"]["encoder_attention_carry"]
     (tmp_path / "q" / "adapter.json").write_text(json.dumps(payload))
     assert load_adapter(tmp_path / "q")[0].config.encoder_attention_carry is True
+    from mmkit.adapters import AdapterMismatch, load_adapter_weights
+
+    fresh = blip2_sized(encoder_attention="past", window_positions=True, num_layers=2)  # today's default: no carry
+    with pytest.raises(AdapterMismatch, match=r"encoder_attention_carry \(saved True, model False\)"):
+        load_adapter_weights(fresh, tmp_path / "q")  # resuming an older run with today's defaults stops
 
 
 def test_windows_are_ragged_per_clip_and_independent_of_padding():

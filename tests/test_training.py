@@ -133,6 +133,12 @@ def test_tiny_caption_recipe_trains_resumes_and_evaluates(tiny_parts, tmp_path):
     run_recipe("caption/train.py", ["--resume", "--max_train_steps", "5", *args], tmp_path)
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    # resuming with other connector settings (same shapes, other maths) stops at once, naming the setting
+    res = subprocess.run([sys.executable, str(ROOT / "recipes" / "caption/train.py"), "--resume", "--max_train_steps",
+                          "6", *args, "model.connector_options.assignment=balanced"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600)
+    assert res.returncode != 0 and "assignment (saved 'prior_weighted', model 'balanced')" in res.stderr, res.stderr[-3000:]
+    assert "step-000004" not in res.stderr  # not retried on an older checkpoint
     # eval on held-out scenes
     out = tmp_path / "eval.json"
     run_recipe("caption/eval.py", ["--connectors", str(run_dir / "final"), "--size", "4", "--render-size", "30",
@@ -261,3 +267,7 @@ def test_the_feature_cache_resumes_from_the_batches_kept_before_a_stop(tmp_path)
     cached_features(tmp_path / "other.safetensors", encoder=third, ids=ids, load=lambda i: i, signature={"v": 2},
                     batch_size=3)
     assert third.seen == list(range(10))
+    # kept batches left behind by a build stopped right after writing the cache go on the next read
+    (tmp_path / "cache.safetensors.partial").mkdir()
+    cached_features(path, encoder=Counting(), ids=ids, load=lambda i: i, signature={"v": 1}, batch_size=3)
+    assert not (tmp_path / "cache.safetensors.partial").exists()

@@ -46,7 +46,9 @@ class ClipConfig(StrictConfig):
     ``lifetime=None`` gives the clips of mmkit before 2026-11-30: an object stays to the end (60%) or leaves
     after two frames or more. There the first object to appear is usually the one seen longest (the object in
     the most frames answers "which appeared first?" in 82% of clips), so an order-blind model answers most
-    "first" questions; with a common lifetime it cannot."""
+    "first" questions. With a common lifetime, a clip played backwards is another clip of the same kind with
+    the same set of frames and first and last swapped: without the frames' order, "first" / "last" / "did A
+    appear before B" are a coin toss at best. Objects visible for fewer than 3 frames get no motion question."""
 
     world: ShapesWorldConfig = field(default_factory=_clip_world)
     fps: float = 2.0
@@ -66,6 +68,9 @@ class ClipConfig(StrictConfig):
             raise ValueError(f"ClipConfig: fps * duration must be a whole number of frames, at least "
                              f"max_objects + 1 = {self.world.max_objects + 1}; got {frames:g}")
         if self.lifetime is not None:
+            if isinstance(self.lifetime, bool) or not isinstance(self.lifetime, (int, float)) \
+                    or not np.isfinite(self.lifetime):
+                raise ValueError(f"ClipConfig.lifetime must be a number of seconds or None, got {self.lifetime!r}")
             lifetime = self.fps * self.lifetime
             slots = round(frames) - round(lifetime) + 1  # frames an object can appear at and still stay its lifetime
             if abs(lifetime - round(lifetime)) > 1e-9 or lifetime < 1 or slots < self.world.max_objects:

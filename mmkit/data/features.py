@@ -42,19 +42,26 @@ def encode_all(
     for start in bar:
         stop = min(count, start + batch_size)
         kept = None if keep is None else keep / f"{start:08d}-{stop:08d}.safetensors"
+        tokens = None
         if kept is not None and kept.is_file():
-            with safe_open(str(kept), framework="pt") as fh:
-                if (fh.metadata() or {}).get("fingerprint") == fingerprint:
-                    tokens = fh.get_tensor("tokens")
-                    if tokens.shape[0] == stop - start:
-                        chunks.append(tokens.float())
-                        resumed += 1
-                        bar.set_postfix(kept=resumed)
-                        continue
+            try:
+                with safe_open(str(kept), framework="pt") as fh:
+                    if (fh.metadata() or {}).get("fingerprint") == fingerprint:
+                        tokens = fh.get_tensor("tokens")
+            except Exception:  # gone or unreadable (another process finished the cache and removed it): encode
+                tokens = None
+        if tokens is not None and tokens.shape[0] == stop - start:
+            chunks.append(tokens.float())
+            resumed += 1
+            bar.set_postfix(kept=resumed)
+            continue
         tokens = encoder.encode([load(i) for i in range(start, stop)]).tokens.float().cpu()
         if kept is not None:
-            atomic_write_bytes(kept, save({"tokens": tokens.to(keep_dtype).contiguous()},
-                                          metadata={"fingerprint": fingerprint}))
+            try:
+                atomic_write_bytes(kept, save({"tokens": tokens.to(keep_dtype).contiguous()},
+                                              metadata={"fingerprint": fingerprint}))
+            except OSError:  # the folder was removed under us (another process wrote the cache): keep going
+                pass
         chunks.append(tokens)
     return torch.cat(chunks) if chunks else torch.empty(0)
 
@@ -78,12 +85,13 @@ def cached_features(
 
     path = Path(path)
     header = {"signature": json.dumps(signature, sort_keys=True), "ids": json.dumps(list(ids))}
+    keep = path.with_name(path.name + ".partial")  # finished batches, until the cache is written
     if path.is_file():
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             if meta.get("signature") == header["signature"] and meta.get("ids") == header["ids"]:
+                shutil.rmtree(keep, ignore_errors=True)  # left by a build stopped just after writing the cache
                 return fh.get_tensor("features").float()
-    keep = path.with_name(path.name + ".partial")  # finished batches, until the cache is written
     fingerprint = hashlib.sha256(json.dumps([header, batch_size, str(dtype)]).encode()).hexdigest()[:16]
     feats = encode_all(encoder, load, len(ids), batch_size=batch_size, desc=f"caching features -> {path.name}",
                        keep=keep, fingerprint=fingerprint, keep_dtype=dtype).to(dtype)

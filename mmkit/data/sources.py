@@ -327,11 +327,18 @@ class ShapesWorldClipsSource(DataSource):
         super().__init__(config)
         o = self.options
         world = _clip_world().replace(image_size=o.render_size, max_objects=o.max_objects)
-        self.dataset = ShapesWorldClips(ClipConfig(world=world, fps=o.fps, duration=o.duration, lifetime=o.lifetime), split=config.split,
-                                        size=config.size)
+        clips = ClipConfig(world=world, fps=o.fps, duration=o.duration, lifetime=o.lifetime)
+        self.dataset = ShapesWorldClips(clips, split=config.split, size=config.size)
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def signature(self) -> dict:
+        """As every source's, without ``lifetime`` when it is None: the older clips keep their feature caches."""
+        signature = super().signature()
+        if signature.get("lifetime", 0) is None:
+            del signature["lifetime"]
+        return signature
 
     def item_id(self, i: int) -> str:
         return f"{self.config.split}-clip-{i:06d}"

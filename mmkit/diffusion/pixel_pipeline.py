@@ -44,6 +44,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import atomic_write_text
+from ..registry import Registry
 from ..text_encoders import encode_text, load_text_encoder
 
 PIPELINE_CLASS = "PixelTextToImagePipeline"
@@ -310,7 +311,9 @@ def _ddpm(common: dict):
 
 
 # name -> builder(common scheduler kwargs); the registry the CLI choices and config checks read
-SAMPLERS = {"ddim": _ddim, "dpm": _dpm, "ddpm": _ddpm}
+SAMPLERS: Registry = Registry("sampler")
+for _name, _build in (("ddim", _ddim), ("dpm", _dpm), ("ddpm", _ddpm)):
+    SAMPLERS.register(_name, _build)
 
 
 def pixel_sampler(name: str, *, num_train_timesteps: int, beta_schedule: str, prediction_type: str):
@@ -321,9 +324,7 @@ def pixel_sampler(name: str, *, num_train_timesteps: int, beta_schedule: str, pr
     All use "trailing" timestep spacing, so sampling starts at the last training timestep (pure noise
     for a zero-terminal-SNR schedule such as ``squaredcos_cap_v2``) whatever the number of steps.
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; accepted: {list(SAMPLERS)}")
-    return SAMPLERS[name](dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+    return SAMPLERS.get(name)(dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                prediction_type=prediction_type, timestep_spacing="trailing"))
 
 

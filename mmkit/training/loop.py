@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..adapters import AdapterMismatch
 from ..config import StrictConfig, atomic_write_text
 from .checkpoint import GracefulStop, list_checkpoints, load_training_state, save_checkpoint
 
@@ -323,6 +324,8 @@ class TrainingLoop:
                 state = json.loads((folder / "state.json").read_text())
                 task.load_checkpoint(folder, state)
                 load_training_state(folder, optimizer=optimizer, scheduler=scheduler)
+            except AdapterMismatch:  # readable, but another model than this run's config builds: no older one fits
+                raise
             except Exception as err:  # any unreadable piece: say which, then try the previous checkpoint
                 failures.append(f"{folder.name}: {type(err).__name__}: {err}")
                 logger.warning("checkpoint %s cannot be read (%s: %s); trying the previous one",
