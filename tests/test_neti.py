@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_diffusion_patch import tiny_pipeline  # pytest prepends tests/ to sys.path
 
-from mmkit.adapters import load_adapter
+from mmkit.adapters import build_adapter, load_adapter
 from mmkit.diffusion import AgentSD, NeTIConfig, NeTIMapper, NeTIPatch, patch
 from mmkit.diffusion.agent_sd import AgentSDConfig, AgentSDStep
 from mmkit.diffusion.neti import cross_attention_layers, final_norm
@@ -201,12 +201,16 @@ def test_prompts_without_the_concept_are_untouched_batches_mix_and_removal_resto
     before_ids = pipe.tokenizer(PROMPT)["input_ids"]
     noise = torch.randn((4, 4, 16, 16), generator=torch.Generator().manual_seed(0))
     p = NeTIPatch(small_mapper(pipe))
+    mapped = []
     with patch(pipe, p):
-        assert torch.equal(sample(pipe, "a red circle"), before_plain)
+        with pytest.warns(UserWarning, match="no prompt of this run names the concept"):
+            assert torch.equal(sample(pipe, "a red circle"), before_plain)
+        run_mapper = p.contexts
+        p.contexts = lambda *a, **k: mapped.append(1) or run_mapper(*a, **k)  # counts the mapper + encoder runs
         mixed = sample(pipe, [PROMPT, "a red circle"], num_images_per_prompt=2, latents=noise)
         alone = sample(pipe, PROMPT, num_images_per_prompt=2, latents=noise[:2])
         again = sample(pipe, PROMPT, num_images_per_prompt=2, latents=noise[:2])
-        assert len(p._cache) == 6  # one per (prompts, timestep) of the 2 concept batches; the 3rd run reused them
+        assert len(p._cache) == 6 and len(mapped) == 6  # per (prompts, timestep) of 2 concept batches; the 3rd reused
     torch.testing.assert_close(mixed[:2], alone, atol=1e-5, rtol=1e-5)
     assert torch.equal(alone, again)
     # the plain rows of the mixed batch: the same as a plain batch started from the same noise
@@ -215,6 +219,25 @@ def test_prompts_without_the_concept_are_untouched_batches_mix_and_removal_resto
     assert not torch.allclose(alone, sample(pipe, PROMPT, num_images_per_prompt=2, latents=noise[:2]), atol=1e-3)
     assert pipe.tokenizer(PROMPT)["input_ids"] == before_ids  # the tokenizer is back
     assert torch.equal(sample(pipe, "a red circle"), before_plain)
+
+
+def test_the_text_encoder_runs_once_per_step_for_all_layers(pipe):
+    """NeTI's per-layer contexts come from one text-encoder call per denoising step, batched over the UNet's
+    cross-attention layers (and the per-prompt cache spares even that on a repeated run)."""
+    calls = []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        sample(pipe, steps=3)
+        own = len(calls)  # the pipeline's own prompt encoding
+        calls.clear()
+        with patch(pipe, NeTIPatch(small_mapper(pipe))):
+            sample(pipe, steps=3)
+            first = len(calls)
+            calls.clear()
+            sample(pipe, steps=3)
+    finally:
+        hook.remove()
+    assert n_cross(pipe) > 1 and first == own + 3 and len(calls) == own
 
 
 def test_truncation_changes_the_images_and_zero_truncation_ignores_the_code(pipe):
@@ -261,12 +284,24 @@ def test_composes_with_text_projection_and_agent_sd_and_compiles(pipe):
     import torch._dynamo as dynamo
 
     steps = (AgentSDStep(start_step=0, sx=2, sy=2),)
-    patches = lambda: (NeTIPatch(small_mapper(pipe)), TextProjectionPatch("wiclp"),  # noqa: E731
+    torch.manual_seed(1)
+    projector = build_adapter("wiclp", dim=pipe.text_encoder.config.hidden_size)
+    with torch.no_grad():  # a trained-looking WiCLP (its zero init would change nothing)
+        for q in projector.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    patches = lambda: (NeTIPatch(small_mapper(pipe)), TextProjectionPatch(projector),  # noqa: E731
                        AgentSD(AgentSDConfig(schedule=steps, use_rand=False)))
     before = sample(pipe, steps=2)
     with patch(pipe, *patches()):
         eager = sample(pipe, steps=2)
     assert torch.equal(sample(pipe, steps=2), before)
+    with patch(pipe, *patches()[:2]):
+        without_agents = sample(pipe, steps=2)
+    with patch(pipe, patches()[0]):
+        neti_only = sample(pipe, steps=2)
+    for other in (before, without_agents, neti_only):  # each of the three acts on the composed output
+        assert not torch.allclose(eager, other, atol=1e-4)
+    assert not torch.allclose(without_agents, neti_only, atol=1e-4)
     unet = pipe.unet
     dynamo.reset()
     dynamo.utils.counters.clear()
@@ -299,8 +334,6 @@ def test_bad_inputs_name_both_sides(pipe):
 
 
 def test_a_text_projection_of_the_same_call_also_projects_netis_contexts(pipe):
-    from mmkit.adapters import build_adapter
-
     dim = pipe.text_encoder.config.hidden_size
     clp = build_adapter("clp", dim=dim)
     with torch.no_grad():
@@ -330,3 +363,25 @@ def test_sampling_runs_the_mapper_without_nested_dropout_even_in_train_mode(pipe
     with patch(pipe, NeTIPatch(m)):
         again = sample(pipe, steps=2)
     assert torch.equal(reference, again) and m.training  # no dropout draws; the mode is left as it was
+
+
+@pytest.mark.parametrize("version", ["sd1", "sd2"])
+def test_the_layer_count_is_read_from_sd_shaped_unets(version):
+    """SD 1.x / 2.x UNet layouts (4 resolutions, 2 layers per block: 16 cross-attention layers) at tiny widths:
+    NeTI finds their 16 layers, in the order the UNet runs them, and a mapper for 16 layers applies."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 8, 8, 8), layers_per_block=2, norm_num_groups=4, cross_attention_dim=12,
+        attention_head_dim=2 if version == "sd1" else (2, 2, 2, 2), use_linear_projection=version == "sd2",
+    ).eval()  # the default block types are SD's: 3 cross-attention down blocks + 1 plain, mirrored up, a mid block
+    paths = cross_attention_layers(unet)
+    assert len(paths) == 16 and paths[0].startswith("down_blocks.0") and paths[-1].startswith("up_blocks.3")
+    assert sum(p.startswith("mid_block") for p in paths) == 1
+    mapper = NeTIMapper(NeTIConfig(token_dim=12, num_layers=16, num_frequencies=8, hidden_dim=8, super_category="red"))
+    with patch(unet, NeTIPatch(mapper, auto=False)):
+        pass
+    with pytest.raises(ValueError, match="trained for a UNet with 4 cross-attention layers.*has 16"):
+        patch(unet, NeTIPatch(NeTIMapper(NeTIConfig(token_dim=12, num_layers=4, num_frequencies=8, hidden_dim=8,
+                                                    super_category="red")), auto=False))

@@ -527,6 +527,9 @@ class NeTIPatch(Patch):
         ids, mask = prompts
         has = (ids == self.encoder.placeholder_id).any(dim=1)  # (P,)
         if not bool(has.any()):  # no prompt names the concept: the pipeline's own context everywhere
+            token = self.mapper.config.placeholder
+            warnings.warn(f"{self.describe()}: no prompt of this run names the concept, so the images are the base "
+                          f"model's; write {token!r} where the concept goes, e.g. 'a photo of a {token}'", stacklevel=2)
             return
         key = (ids.cpu().numpy().tobytes(), None if mask is None else mask.cpu().numpy().tobytes(), tuple(ids.shape))
         self._run = (key, ids, mask, has)

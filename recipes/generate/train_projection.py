@@ -5,7 +5,7 @@
     python recipes/generate/train_projection.py --resume                          # after a stop
 
 Only the projection trains (the paper's Adam 1e-5, batch 8, clipping 1.0 by default); ``final/`` is the
-adapter folder that ``mmkit generate --text-projection FOLDER`` and ``eval_binding.py`` load.
+adapter folder that ``mmkit generate --text-projection FOLDER`` and ``eval.py --variants "--text-projection FOLDER"`` load.
 """
 
 import os
