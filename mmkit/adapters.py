@@ -202,7 +202,8 @@ def load_adapter_weights(adapter: Adapter, directory: str | os.PathLike) -> dict
                               f"config {loaded.config.to_dict()} gives tensors {got}; the model's config "
                               f"{adapter.config.to_dict()} needs {expected}")
     saved, wanted = (json.loads(json.dumps(a.config.to_dict())) for a in (loaded, adapter))  # tuples as lists
-    differ = {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)}
+    differ = {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted))
+              if saved.get(k) != wanted.get(k)}
     if differ:  # same shapes, other maths (e.g. a switch added since the folder was written): not the same model
         raise AdapterMismatch(
             f"{directory} was saved with other {adapter.kind} settings than this model's: "
@@ -212,7 +213,8 @@ def load_adapter_weights(adapter: Adapter, directory: str | os.PathLike) -> dict
     return metadata
 
 
-def cast_saved(source: str | os.PathLike, destination: str | os.PathLike, dtype: torch.dtype = torch.float16) -> list[Path]:
+def cast_saved(source: str | os.PathLike, destination: str | os.PathLike,
+               dtype: torch.dtype = torch.float16) -> list[Path]:
     """Copy an adapter folder, or a bundle of them, to ``destination`` with every floating tensor of its weight
     files cast to ``dtype`` (fp16 / bf16 halves a checkpoint for shipping; loading copies the values back into
     the module's own dtype). Other files are copied unchanged. Returns the weight files written.
@@ -243,6 +245,7 @@ def cast_saved(source: str | os.PathLike, destination: str | os.PathLike, dtype:
                 raise ValueError(f"{path}: tensor {key!r} overflows {dtype} (largest magnitude "
                                  f"{state[key].abs().max().item():.4g}); keep it at {state[key].dtype}")
         cast[path.relative_to(source)] = save({k: v.contiguous() for k, v in out.items()})
+
     def write(tmp: Path) -> None:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         for relative, data in cast.items():

@@ -2,8 +2,9 @@
 
 A clip is a pure function of its seed (split by seed like ShapesWorld scenes). Two to ``max_objects``
 objects with distinct (colour, shape) names each appear at their own frame, move linearly, and stay
-visible for the same ``lifetime`` (so how long an object is seen says nothing about when it appeared). Every appearance sounds a short tone: exactly one object's is the *high* tone, the others'
-the low one. Questions need time or sound to answer:
+visible for the same ``lifetime`` (so how long an object is seen says nothing about when it appeared).
+Every appearance sounds a short tone: exactly one object's is the *high* tone, the others' the low one.
+Questions need time or sound to answer:
 
 - ``first`` / ``last``: "which shape appeared first?" -> "circle" (the order of appearance);
 - ``order``: "did the red circle appear before the blue star?" -> "yes" / "no";
