@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..assets import DEFAULT_SAM, resolve_asset
 from ..config import StrictConfig
 from ..data.features import cached_features, source_features
 from ..data.sources import DataConfig, Referral, ReferringSource, open_source
 from ..heads.sam_prompt import load_sam, resolve_sam
-from ..heads.seg import ReadModel, SegConfig
+from ..heads.seg import ReadModel, SegConfig, view_boxes
 from .loop import TrainingLoop, TrainingTask, TrainLoopConfig
 from .vlm import ModelConfig, encoder_meta, load_components
 
@@ -142,9 +143,8 @@ class SegTask(TrainingTask):
         self.mask_size = int(sam.config.prompt_encoder_config.image_size)
         torch.manual_seed(tc.seed)
         self.model = build_read(cfg, encoder, llm, sam)
-        self._boxes: dict[tuple[int, int], list[float]] = {}  # SasP's token grid in SAM's frame, per image size
-        self._encoder = encoder  # kept on the CPU for those boxes only (view_box runs its preprocessing)
-        self.model.vlm.encoder = None  # features are cached; the encoder is named in the bundle
+        self._boxes = self._view_boxes(encoder)  # SasP's token grid in SAM's frame, per image size
+        self.model.vlm.encoder = None  # features and boxes are computed; the encoder is named in the bundle
         self.encoder_meta = encoder_meta(cfg.model)
         self.model.to(loop.device)
         self._module = _Trainable(self.model)
@@ -176,15 +176,20 @@ class SegTask(TrainingTask):
             yield self.batch([self.examples[j] for j in order[first:first + bs]])
             start += 1
 
-    def grid_boxes(self, refs: list[Referral]) -> torch.Tensor:
-        """(B, 4): where each image's token grid lies in SAM's frame (the encoder's crop), cached per image size
-        (sources of one size, like ShapesWorld, need the encoder once)."""
-        from ..heads.seg import view_boxes
+    def _view_boxes(self, encoder) -> dict[tuple[int, int], list[float]]:
+        """Where the token grid lies in SAM's frame (the encoder's crop) for every image size of the source, so
+        that training does not hold the encoder (a large ViT's weights) for them; empty without SasP's
+        crop-aware grid."""
+        sasp = self.cfg.model.seg.sasp
+        if sasp is None or sasp.grid_view != "encoder":
+            return {}
+        sizes = sorted({tuple(self.source.image_size(i)) for i in range(len(self.source))})
+        return {size: view_boxes(encoder, [size], 1, self.mask_size)[0].tolist()
+                for size in tqdm(sizes, desc="token grid per image size", disable=len(sizes) < 100, leave=False)}
 
-        sizes = [self.source.image_size(r.index) for r in refs]
-        for size in set(sizes) - set(self._boxes):
-            self._boxes[size] = view_boxes(self._encoder, [size], 1, self.mask_size)[0].tolist()
-        return torch.tensor([self._boxes[s] for s in sizes])
+    def grid_boxes(self, refs: list[Referral]) -> torch.Tensor:
+        """(B, 4): where each image's token grid lies in SAM's frame, from the boxes computed per image size."""
+        return torch.tensor([self._boxes[tuple(self.source.image_size(r.index))] for r in refs])
 
     def batch(self, refs: list[Referral]) -> dict:
         idx = torch.tensor([r.index for r in refs])
