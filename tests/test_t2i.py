@@ -403,3 +403,13 @@ def test_init_from_reads_a_pipeline_or_checkpoint_by_path_or_asset_name_and_refu
         load_unet_weights(build_unet(ModelConfig(block_out_channels=(32, 64, 128)), 32, 384), "asset:t2i/shapes")
     with pytest.raises(FileNotFoundError, match="no UNet there"):
         load_unet_weights(unet, str(tmp_path / "nothing"))
+
+
+def test_the_generate_cli_offers_every_registered_sampler():
+    """``mmkit generate --sampler`` lists its choices without importing diffusers; they must be the registry's."""
+    from mmkit.cli import build_parser
+
+    parser = build_parser()
+    generate = next(a for a in parser._subparsers._group_actions[0].choices["generate"]._actions
+                    if "--sampler" in a.option_strings)
+    assert sorted(generate.choices) == SAMPLERS.names()
