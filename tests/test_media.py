@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmkit.data.clips import ClipConfig, clip_audio, clip_frames, sample_clip
@@ -82,6 +83,33 @@ def test_long_clips_keep_their_first_30_seconds_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_clip(folder, start=10.0).frames) == 50
+    # a 35 s sound beside 4 frames (2 s): the sound is cut to Whisper's 30 s too, naming its file
+    import soundfile
+
+    short = tmp_path / "short"
+    short.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (i, 0, 0)).save(short / f"{i:03d}.png")
+    wav = tmp_path / "long.wav"
+    soundfile.write(wav, np.zeros(35 * 16_000, dtype=np.float32), 16000)
+    with pytest.warns(UserWarning, match=r"long.wav: the sound is 35.0 s long; keeping 30 s"):
+        clip = load_clip(short, audio=wav)
+    assert len(clip.frames) == 4 and len(clip.audio) == 30 * 16_000
+
+
+def test_sound_alone_needs_a_sound_encoder():
+    """A sound-only clip through an encoder without one (av:IMAGE+none) is refused in words, not a shape error."""
+    from mmkit.encoders.av import AudioVisualEncoder, MediaClip
+
+    class Frames(torch.nn.Module):
+        dim, token_grid, num_tokens = 4, 1, 1
+
+        def encode(self, frames):
+            raise AssertionError("no frames to encode")
+
+    encoder = AudioVisualEncoder(Frames(), None, spec="av:test+none")
+    with pytest.raises(ValueError, match=r"av:test\+none has no sound encoder, and 1 of the clips have no frames"):
+        encoder.encode([MediaClip(frames=[], audio=np.zeros(16_000, dtype=np.float32), fps=2.0, duration=1.0)])
 
 
 def put(name, content):

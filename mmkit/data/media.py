@@ -105,6 +105,11 @@ def load_clip(source: str | os.PathLike, *, audio: str | os.PathLike | None = No
             frames = frames[: int(math.floor(max_seconds * fps))]
         if track is not None:
             track = track[: int(max_seconds * TARGET_RATE)]
+    if max_seconds is not None and track is not None and len(track) > int(max_seconds * TARGET_RATE):
+        # frames shorter than the sound (a long wav beside a short video): Whisper still reads at most 30 s
+        warnings.warn(f"{Path(audio or path).name}: the sound is {len(track) / TARGET_RATE:.1f} s long; keeping "
+                      f"{max_seconds:g} s from {start:g} s (Whisper reads at most 30 s)", stacklevel=2)
+        track = track[: int(max_seconds * TARGET_RATE)]
     if still and track is not None:  # one picture for the whole sound: MediaClip repeats it per frame
         frames = frames * max(1, math.ceil(len(track) / TARGET_RATE * fps))
     duration = len(track) / TARGET_RATE if not frames else None

@@ -81,6 +81,10 @@ class AudioVisualEncoder(nn.Module):
             states, masks = self.audio_encoder.encode([clips[i].audio for i in with_audio])  # (b, 1500, Da)
             for j, i in enumerate(with_audio):
                 audio_states[i] = states[j, : int(masks[j].sum())]
+        if not self._audio_dim and any(not c.frames for c in clips):
+            raise ValueError(f"{self.spec} has no sound encoder, and {sum(not c.frames for c in clips)} of the clips "
+                             "have no frames (sound only): nothing to encode; give those clips frames, or use a spec "
+                             "with a sound encoder (av:IMAGE+openai/whisper-tiny.en)")
         per_clip = []
         for clip, audio in zip(clips, audio_states):
             visual = self.image_encoder.encode(list(clip.frames)).tokens if clip.frames else None  # (T, tpf, Dv)
