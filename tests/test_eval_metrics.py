@@ -435,3 +435,21 @@ def test_paired_vqa_lines_per_kind_skip_kinds_too_small_to_pair():
     assert lines[0].startswith("VQA acc, b/final minus a/final: +0.0 points")
     assert any(line.startswith("  order, b/final minus a/final: +33.3 points") for line in lines)
     assert "  av: 1 question, too few to pair" in lines
+
+
+def test_giou_averages_per_example_and_ciou_pools_pixels():
+    """Hand-made masks: gIoU is the mean of per-example IoUs, cIoU the pooled intersection over the pooled union;
+    a "no mask" counts as an empty prediction, an empty truth and prediction as IoU 1."""
+    from mmkit.eval.seg import seg_scores
+
+    truth_a = np.zeros((4, 4), bool)
+    truth_a[:2, :2] = True  # 4 pixels
+    pred_a = np.zeros((4, 4), bool)
+    pred_a[:2, :1] = True  # 2 of them: IoU 2/4
+    truth_b = np.zeros((4, 4), bool)
+    truth_b[:, :] = True  # 16 pixels, predicted "no mask": IoU 0
+    empty = np.zeros((4, 4), bool)  # nothing to find, nothing found: IoU 1
+    scores = seg_scores([pred_a, None, empty], [truth_a, truth_b, empty], per_example=True)
+    assert scores["ious"] == [0.5, 0.0, 1.0]
+    assert scores["gIoU"] == pytest.approx(0.5) and scores["cIoU"] == pytest.approx(2 / (4 + 16))
+    assert scores["no_mask"] == 1 and scores["examples"] == 3
