@@ -64,6 +64,8 @@ def test_forward_gives_losses_and_only_adapters_train():
     for _ in range(3):
         out = model(features, prompts, targets, sam_embeddings, masks)
         assert set(out.losses) == {"loss", "ce_loss", "bce_loss", "dice_loss"}
+        parts = out.losses  # READ / LISA's weights by default: 1.0 CE + 2.0 BCE + 0.5 Dice
+        torch.testing.assert_close(parts["loss"], parts["ce_loss"] + 2.0 * parts["bce_loss"] + 0.5 * parts["dice_loss"])
         assert out.mask_logits.shape == (2, 48, 48) and out.coords.shape == (2, 6, 2)
         opt.zero_grad()
         out.losses["loss"].backward()
