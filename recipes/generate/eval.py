@@ -154,7 +154,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             image_grid(torch.stack(images[name][:64]), cols=8).save(args.grids / f"{slug}.png")
     saved.finish()  # the report is made (grids included); the kept samples go
     return {
-        "model": str(args.model or _default_model()),
+        "model": str(model_dir),
         "prompts": len(prompts), "split": "test", "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
         "sampler": type(pipe.scheduler).__name__,
         "world": world.to_dict(),

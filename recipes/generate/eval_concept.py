@@ -136,7 +136,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
             image_grid(torch.cat(tiles), cols=args.images).save(args.grids / f"{slug}.png")
     saved.finish()
-    return {"model": str(args.model or "assets/t2i/shapes"), "concept": {"shape": shape, "colour": trained_colour},
+    return {"model": str(model_dir), "concept": {"shape": shape, "colour": trained_colour},
             "edit_colours": colours, "images_per_prompt": args.images, "steps": args.steps, "guidance": args.guidance,
             "seed": args.seed, "judge_on_renders": judge_acc, "variants": variants}
 
