@@ -144,7 +144,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_folder(directory: str | os.PathLike, write: typing.Callable[[Path], object]) -> Path:
     """Build a folder with ``write(tmp)`` in a temporary sibling, then rename it into place: readers never see a
-    half-written folder. If another process finished the same folder first, its copy is kept."""
+    half-written folder. If another process finished the same folder first, its copy is kept; an empty folder
+    there (made by hand, or left by a crash) is no copy and is replaced."""
     import shutil
 
     directory = Path(directory)
@@ -152,10 +153,10 @@ def atomic_write_folder(directory: str | os.PathLike, write: typing.Callable[[Pa
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         write(tmp)
-        if directory.exists():  # another process finished first
+        if directory.is_dir() and any(directory.iterdir()):  # another process finished first
             shutil.rmtree(tmp)
         else:
-            os.replace(tmp, directory)
+            os.replace(tmp, directory)  # (renaming onto an empty folder replaces it)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

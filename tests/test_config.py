@@ -67,3 +67,18 @@ def test_recipe_overrides_may_sit_on_both_sides_of_the_options():
     assert (cfg.projection.kind, cfg.train.max_train_steps, cfg.train.save_every, cfg.train.output_dir) == \
         ("clp", 9, 3, "o")
     assert args.overrides == ["projection.kind=clp", "train.save_every=3"]
+
+
+def test_atomic_write_folder_keeps_a_finished_copy_and_fills_an_empty_folder(tmp_path):
+    from mmkit.config import atomic_write_folder
+
+    def write(text):
+        return lambda tmp: (tmp / "a.txt").write_text(text)
+
+    assert atomic_write_folder(tmp_path / "new", write("one")) == tmp_path / "new"
+    atomic_write_folder(tmp_path / "new", write("two"))  # another process finished first: its copy stays
+    assert (tmp_path / "new" / "a.txt").read_text() == "one"
+    (tmp_path / "empty").mkdir()
+    atomic_write_folder(tmp_path / "empty", write("three"))
+    assert (tmp_path / "empty" / "a.txt").read_text() == "three"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]  # no temporary sibling left

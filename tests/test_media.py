@@ -147,3 +147,29 @@ def test_fps_must_split_whispers_50_states_per_second_evenly(tmp_path, fps):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     with pytest.raises(MediaLoadError, match="fps"):
         load_clip(tmp_path / "a.png", fps=fps)
+
+
+def write_frameless_video(path):
+    """A well-formed container whose video stream (16 x 16 mpeg4 at 2 fps) never got a frame."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mpeg4", rate=2)
+        video.width, video.height, video.pix_fmt = 16, 16, "yuv420p"
+        out.start_encoding()  # header and index written, no packets
+        for packet in video.encode():  # flushing an encoder that saw nothing gives nothing
+            out.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("suffix, video_streams", [(".avi", 1), (".mp4", 0)])  # mp4 drops the empty track
+def test_a_video_with_no_frames_is_refused_naming_it(tmp_path, suffix, video_streams):
+    import av
+
+    path = write_frameless_video(tmp_path / f"nothing{suffix}")
+    with av.open(str(path)) as container:  # it opens: a well-formed file, not a corrupt one
+        assert len(container.streams.video) == video_streams and not container.streams.audio
+        assert sum(1 for stream in container.streams.video for _ in container.decode(stream)) == 0
+    with pytest.raises(MediaLoadError, match=rf"nothing{suffix}' holds no decodable frames or sound") as err:
+        load_clip(path)
+    assert "Accepted: a video file" in str(err.value) and "a folder of frame images" in str(err.value)

@@ -122,7 +122,11 @@ def test_each_layers_causal_attention_reads_the_entering_tokens_as_the_official_
     payload = json.loads((tmp_path / "q" / "adapter.json").read_text())
     del payload["config"]["encoder_attention_carry"]
     (tmp_path / "q" / "adapter.json").write_text(json.dumps(payload))
-    assert load_adapter(tmp_path / "q")[0].config.encoder_attention_carry is True
+    loaded = load_adapter(tmp_path / "q")[0].config
+    assert loaded.encoder_attention_carry is True and loaded.diversity_on == "queries"  # that field was saved
+    del payload["config"]["diversity_on"]
+    (tmp_path / "q" / "adapter.json").write_text(json.dumps(payload))
+    assert load_adapter(tmp_path / "q")[0].config.diversity_on == "tokens"  # saved before the field: as trained
     from mmkit.adapters import AdapterMismatch, load_adapter_weights
 
     fresh = blip2_sized(encoder_attention="past", window_positions=True, num_layers=2)  # today's default: no carry
@@ -148,22 +152,44 @@ def test_windows_are_ragged_per_clip_and_independent_of_padding():
         ours(torch.randn(1, 7, 40))
 
 
-def test_diversity_loss_is_the_mean_pairwise_cosine_of_real_windows():
-    from mmkit.connectors import LossContext
-
-    ours = blip2_sized(diversity_weight=0.01)
-    tokens = torch.randn(2, 10, 8)
-    mask = torch.tensor([[True] * 10, [True] * 5 + [False] * 5])
-    out = ours.losses(tokens, mask, LossContext(llm=None))
-    windows = [tokens[0, :5], tokens[0, 5:], tokens[1, :5]]
+def _mean_pairwise_cosine(windows):
     expected = []
-    for w in windows:
+    for w in windows:  # (Q, d)
         z = torch.nn.functional.normalize(w, dim=-1)
         sim = z @ z.T
-        expected.append((sim.sum() - sim.diagonal().sum()) / 20)
-    torch.testing.assert_close(out.logged["diversity_loss"], torch.stack(expected).mean())
+        expected.append((sim.sum() - sim.diagonal().sum()) / (len(w) * (len(w) - 1)))
+    return torch.stack(expected).mean()
+
+
+def test_diversity_loss_is_the_mean_pairwise_cosine_of_each_real_windows_query_outputs():
+    """As the official calc_diversity_loss: on the Q-Former's query states (hidden 48 here), before the projection
+    to the LLM; padding-only windows do not count, and the loss carries gradient into the Q-Former."""
+    from mmkit.connectors import LossContext
+
+    torch.manual_seed(0)
+    ours = blip2_sized(diversity_weight=0.01).train()
+    features = torch.randn(2, 20, 40)  # 5 frames of 4 tokens -> 2 windows of 3 frames per clip
+    mask = torch.tensor([[True] * 20, [True] * 8 + [False] * 12])  # clip 1 has 2 frames: its 2nd window is padding
+    tokens, out_mask = ours(features, mask)
+    window, window_mask, _ = ours.windows(features, mask)
+    states = ours.query_states(window, window_mask).detach()  # (4 windows, 5 queries, 48)
+    out = ours.losses(tokens, out_mask, LossContext(llm=None))
+    torch.testing.assert_close(out.logged["diversity_loss"], _mean_pairwise_cosine([states[0], states[1], states[2]]))
     torch.testing.assert_close(out.total, 0.01 * out.logged["diversity_loss"])
-    assert blip2_sized(diversity_weight=0.0).losses(tokens, mask, LossContext(llm=None)) is None
+    out.total.backward()
+    assert ours.query_tokens.grad is not None and ours.query_tokens.grad.abs().sum() > 0
+    assert ours.proj.weight.grad is None  # the projection is not part of this loss
+    with pytest.raises(RuntimeError, match="needs a forward pass first"):
+        ours.losses(tokens, out_mask, LossContext(llm=None))  # each forward's states are read once
+    # the older reading (diversity_on="tokens"): on the projected LLM tokens handed in
+    ours = blip2_sized(diversity_weight=0.01, diversity_on="tokens")
+    tokens = torch.randn(2, 10, 8)
+    out = ours.losses(tokens, out_mask, LossContext(llm=None))
+    torch.testing.assert_close(out.logged["diversity_loss"],
+                               _mean_pairwise_cosine([tokens[0, :5], tokens[0, 5:], tokens[1, :5]]))
+    assert blip2_sized(diversity_weight=0.0).losses(tokens, out_mask, LossContext(llm=None)) is None
+    with pytest.raises(ValueError, match="diversity_on must be one of"):
+        blip2_sized(diversity_on="outputs")
 
 
 def test_the_connector_compiles_into_one_graph():
@@ -180,7 +206,116 @@ def test_the_connector_compiles_into_one_graph():
 def test_favors_defaults():
     cfg = build_connector("qformer", vision_dim=1536, llm_dim=4096).config
     assert (cfg.num_layers, cfg.num_queries, cfg.hidden_size, cfg.num_heads, cfg.cross_attention_every,
-            cfg.frames_per_window, cfg.encoder_attention, cfg.diversity_weight, cfg.encoder_attention_carry) == (
-        2, 32, 768, 12, 1, 10, "past", 0.01, False)
+            cfg.frames_per_window, cfg.encoder_attention, cfg.diversity_weight, cfg.encoder_attention_carry, cfg.diversity_on) == (
+        2, 32, 768, 12, 1, 10, "past", 0.01, False, "queries")
     with pytest.raises(ValueError, match="encoder_attention must be one of"):
         build_connector("qformer", vision_dim=8, llm_dim=8, encoder_attention="causal")
+
+
+def test_cross_attention_every_2_leaves_the_odd_layers_without_window_attention():
+    """Only layers 0, 2, ... read the window; the connector's output still depends on it through them."""
+    ours = blip2_sized(num_layers=4, cross_attention_every=2, encoder_attention="past", window_positions=True)
+    names = {name for name, _ in ours.named_modules()}
+    for i in range(4):
+        reads = i % 2 == 0
+        assert (f"layers.{i}.crossattention" in names) is reads, i
+        assert (f"layers.{i}.encoder_attention" in names) is reads, i
+        assert ours.layers[i].has_cross_attention is reads
+    g = torch.Generator().manual_seed(1)
+    clip = torch.randn(1, 12, 40, generator=g)
+    other = clip.clone()
+    other[:, 4:8] = torch.randn(1, 4, 40, generator=g)  # a different middle frame
+    with torch.no_grad():
+        a, _ = ours(clip)
+        b, _ = ours(other)
+    assert (a - b).abs().max() > 1e-3
+    # carried states pass a layer without cross-attention unchanged: layer 2 reads what layer 0's attention made
+    carried = blip2_sized(num_layers=4, cross_attention_every=2, encoder_attention="past", encoder_attention_carry=True)
+    seen, made = [], []
+
+    def record(module, args, out):
+        seen.append(args[0])
+        made.append(out)
+
+    hooks = [carried.layers[i].encoder_attention.register_forward_hook(record) for i in (0, 2)]
+    with torch.no_grad():
+        carried(clip)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(seen[1], made[0]) and not torch.equal(made[0], seen[0])
+
+
+def test_with_cross_attention_every_2_and_the_causal_part_off_it_is_the_transformers_blip2_qformer():
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    torch.manual_seed(7)
+    reference = Blip2QFormerModel(Blip2QFormerConfig(
+        hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=68, cross_attention_frequency=2,
+        encoder_hidden_size=40, max_position_embeddings=64, vocab_size=97, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).eval()
+    assert [layer.has_cross_attention for layer in reference.encoder.layer] == [True, False, True, False]
+    ours = blip2_sized(num_layers=4, cross_attention_every=2)
+    assert ours.load_blip2_qformer(reference) == ["proj.bias", "proj.weight", "query_tokens"]
+    g = torch.Generator().manual_seed(0)
+    window = torch.randn(2, 12, 40, generator=g)
+    mask = torch.tensor([[True] * 12, [True] * 8 + [False] * 4])
+    with torch.no_grad():
+        theirs = reference(query_embeds=ours.query_tokens.expand(2, -1, -1), encoder_hidden_states=window,
+                           encoder_attention_mask=mask.long()).last_hidden_state
+        mine = ours.query_states(window, mask)
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_window_positions_make_the_order_of_frames_in_a_window_matter(positions):
+    """Cross-attention alone is blind to the order of a window's tokens; the learned positions are not."""
+    ours = blip2_sized(window_positions=positions)
+    if positions:
+        with torch.no_grad():
+            ours.window_position.weight.normal_(0, 1.0)  # trained positions, not the 0.02 start
+    g = torch.Generator().manual_seed(2)
+    clip = torch.randn(1, 24, 40, generator=g)  # 6 frames of 4 tokens: 2 windows of 3 frames
+    swapped = clip.clone()
+    swapped[:, 0:4], swapped[:, 8:12] = clip[:, 8:12], clip[:, 0:4]  # frames 0 and 2 of the first window
+    with torch.no_grad():
+        a, _ = ours(clip)
+        b, _ = ours(swapped)
+    torch.testing.assert_close(a[:, 5:], b[:, 5:], atol=1e-5, rtol=1e-5)  # the second window is untouched
+    if positions:
+        assert (a[:, :5] - b[:, :5]).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(a[:, :5], b[:, :5], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["past", "future"])
+def test_the_connectors_causal_attention_lets_a_frame_see_only_its_own_side(direction):
+    """Through the whole connector (window positions, padding mask, every layer): with 'future' the first frame's
+    tokens do not reach later frames' mixed tokens while the last frame's reach the first; 'past' mirrors it."""
+    ours = blip2_sized(encoder_attention=direction, window_positions=True, num_layers=2)
+    g = torch.Generator().manual_seed(3)
+    clip = torch.randn(1, 12, 40, generator=g)  # one window: 3 frames of 4 tokens
+    first, last = slice(0, 4), slice(8, 12)
+
+    def mixed(features):
+        made = []
+        hooks = [layer.encoder_attention.register_forward_hook(lambda m, args, out: made.append(out))
+                 for layer in ours.layers]
+        with torch.no_grad():
+            ours(features)
+        for h in hooks:
+            h.remove()
+        return made  # per layer, (1, 12, 40)
+
+    def changed(frame):
+        other = clip.clone()
+        other[:, frame] = torch.randn(1, 4, 40, generator=g)
+        return other
+
+    base, new_first, new_last = mixed(clip), mixed(changed(first)), mixed(changed(last))
+    for layer in range(2):
+        if direction == "future":  # frame f sees frames >= f
+            torch.testing.assert_close(base[layer][:, 4:], new_first[layer][:, 4:], atol=1e-6, rtol=0)
+            assert (base[layer][:, first] - new_last[layer][:, first]).abs().max() > 1e-3
+        else:  # frame f sees frames <= f
+            torch.testing.assert_close(base[layer][:, :8], new_last[layer][:, :8], atol=1e-6, rtol=0)
+            assert (base[layer][:, last] - new_first[layer][:, last]).abs().max() > 1e-3

@@ -112,3 +112,52 @@ def test_the_shipped_video_model_answers_held_out_clips(tmp_path):
     from mmkit.data.shapes import SHAPES
 
     assert record["answer"].strip() in SHAPES  # a shape word, from a model file the user never named
+
+
+def test_the_command_line_hears_the_sound_beside_a_folder_of_frames(tiny_parts, tmp_path, monkeypatch, capsys):
+    """``mmkit video-qa FOLDER QUESTION --audio WAV``: the wav reaches the encoder, whose frame tokens then carry
+    non-zero Whisper states beside the visual ones; without --audio those columns are zeros."""
+    import soundfile
+    from PIL import Image
+
+    from mmkit.cli import main
+    from mmkit.connectors import build_connector
+    from mmkit.connectors.qformer import QFormerConnector
+    from mmkit.encoders.av import AudioVisualEncoder
+    from mmkit.llm import FrozenLM
+    from mmkit.models import VisionLanguageModel
+
+    encoder = load_encoder(f"av:hf:{tiny_parts / 'vision'}+openai/whisper-tiny.en", token_grid=2)
+    llm = FrozenLM.from_pretrained(tiny_parts / "llm")
+    options = {**QFormerConnector.example_config(encoder.dim, llm.hidden_size), "tokens_per_frame": 4}
+    VisionLanguageModel(encoder, build_connector("qformer", **options), llm, caption_prompt="<image> caption :",
+                        vqa_prompt="<image> {question} answer :").save_pretrained(
+        tmp_path / "model", llm_name=str(tiny_parts / "llm"))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(4):  # 2 s at 2 fps
+        Image.new("RGB", (30, 30), (60 * i, 0, 0)).save(folder / f"{i:02d}.png")
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(32_000) / 16_000)).astype(np.float32)
+    soundfile.write(tmp_path / "tone.wav", tone, 16_000)
+
+    seen = []
+    encode = AudioVisualEncoder.encode
+
+    def recording(self, clips):
+        out = encode(self, clips)
+        seen.append((clips, out, self.image_encoder.dim))
+        return out
+
+    monkeypatch.setattr(AudioVisualEncoder, "encode", recording)
+    ask = ["video-qa", str(folder), "which shape?", "--model", str(tmp_path / "model"), "--max-new-tokens", "1",
+           "--json"]
+    assert main([*ask, "--audio", str(tmp_path / "tone.wav")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["question"] == "which shape?"
+    assert main(ask) == 0
+    (heard, with_sound, dv), (_, without, _) = seen
+    clip = heard[0]
+    assert len(clip.frames) == 4 and clip.audio is not None and np.abs(clip.audio - tone).max() < 1e-4
+    assert with_sound.mask.all() and with_sound.tokens.shape[1] == 4 * 4
+    assert (with_sound.tokens[0, :, dv:] != 0).any(-1).all()  # every frame token hears the tone
+    assert (without.tokens[0, :, dv:] == 0).all()  # no sound: zeros beside the frames
+    torch.testing.assert_close(without.tokens[0, :, :dv], with_sound.tokens[0, :, :dv])  # the same frames

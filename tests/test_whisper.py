@@ -77,3 +77,37 @@ def test_audio_loading(tmp_path):
             load_audio(bad, sampling_rate=16000) if isinstance(bad, np.ndarray) else load_audio(bad)
     with pytest.raises(AudioLoadError, match="needs its sampling_rate"):
         load_audio(np.zeros(10, np.float32))
+
+
+def test_the_converter_writes_a_folder_transformers_loads_as_converted_in_memory(tmp_path):
+    """convert_ct2_whisper -> a folder WhisperForConditionalGeneration / WhisperProcessor load with no missing or
+    unexpected keys, holding exactly the tensors of the in-memory conversion (same encoder output)."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    from mmkit.encoders.whisper import convert_ct2_whisper, ct2_whisper_state_dict, whisper_config_from_ct2
+
+    ct2 = carrier_path(CARRIERS["openai/whisper-tiny.en"])
+    (tmp_path / "whisper-tiny.en").mkdir()  # an empty folder made beforehand is filled, not taken for a copy
+    written = convert_ct2_whisper(ct2, tmp_path / "whisper-tiny.en")
+    assert written == tmp_path / "whisper-tiny.en" and (written / "config.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written sibling left
+    loaded, info = WhisperForConditionalGeneration.from_pretrained(written, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    loaded.eval()
+    _, variables = read_ct2_model(ct2 / "model.bin")
+    config = whisper_config_from_ct2(variables)
+    in_memory = WhisperForConditionalGeneration(config).eval()
+    in_memory.load_state_dict(ct2_whisper_state_dict(variables, config), strict=False)
+    in_memory.tie_weights()
+    theirs = loaded.state_dict()
+    assert set(theirs) == set(in_memory.state_dict())
+    for name, tensor in in_memory.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name
+    assert loaded.proj_out.weight.data_ptr() == loaded.model.decoder.embed_tokens.weight.data_ptr()  # still tied
+    processor = WhisperProcessor.from_pretrained(written)
+    features = processor(load_audio(SPEECH), sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        mine = in_memory.get_encoder()(features).last_hidden_state
+        from_folder = loaded.get_encoder()(features).last_hidden_state
+    assert mine.shape == (1, 1500, 384)
+    torch.testing.assert_close(from_folder, mine, atol=0, rtol=0)

@@ -37,6 +37,7 @@ from ..ops import attention, block_causal, key_padding
 from .base import AuxiliaryLosses, Connector, ConnectorConfig, LossContext
 
 ENCODER_ATTENTION = ("past", "future", "none")
+DIVERSITY_ON = ("queries", "tokens")
 
 
 @dataclass
@@ -59,8 +60,11 @@ class QFormerConfig(ConnectorConfig):
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     diversity_weight: float = 0.01
+    diversity_on: str = "queries"
 
     def __post_init__(self) -> None:
+        if self.diversity_on not in DIVERSITY_ON:
+            raise ValueError(f"QFormerConfig.diversity_on must be one of {DIVERSITY_ON}, got {self.diversity_on!r}")
         if self.encoder_attention not in ENCODER_ATTENTION:
             raise ValueError(f"QFormerConfig.encoder_attention must be one of {ENCODER_ATTENTION}, "
                              f"got {self.encoder_attention!r}")
@@ -164,8 +168,10 @@ class QFormerConnector(Connector):
 
     @classmethod
     def upgrade_saved_config(cls, config: dict) -> dict:
-        """Q-Formers saved before ``encoder_attention_carry`` existed carried the window states layer to layer."""
-        return config if "encoder_attention_carry" in config else {**config, "encoder_attention_carry": True}
+        """Q-Formers saved before ``encoder_attention_carry`` existed carried the window states layer to layer;
+        those saved before ``diversity_on`` existed took the diversity loss on the projected LLM tokens."""
+        defaults = {"encoder_attention_carry": True, "diversity_on": "tokens"}
+        return {**{k: v for k, v in defaults.items() if k not in config}, **config}
 
     @classmethod
     def example_config(cls, vision_dim: int, llm_dim: int) -> dict:
@@ -202,7 +208,10 @@ class QFormerConnector(Connector):
         cfg = self.config
         B = features.shape[0]
         window, window_mask, n_windows = self.windows(features, mask)  # (W, M, D), (W, M)
-        tokens = self.proj(self.query_states(window, window_mask))  # (W, Q, llm_dim)
+        states = self.query_states(window, window_mask)  # (W, Q, hidden)
+        if cfg.diversity_weight and cfg.diversity_on == "queries":
+            self._diversity_states = states  # read (once) by losses() for this batch
+        tokens = self.proj(states)  # (W, Q, llm_dim)
         real = window_mask.any(dim=1)  # (W,) windows holding at least one real frame token
         out_mask = real[:, None].expand(-1, cfg.num_queries).reshape(B, n_windows * cfg.num_queries)
         return tokens.reshape(B, n_windows * cfg.num_queries, -1), out_mask
@@ -225,11 +234,19 @@ class QFormerConnector(Connector):
 
     # ------------------------------------------------------------------ objective
     def losses(self, tokens: Tensor, mask: Tensor | None, context: LossContext) -> AuxiliaryLosses | None:
-        """Diversity loss: the mean pairwise cosine similarity of each real window's query tokens (lower = the
-        queries read different things), weighted by ``diversity_weight``."""
+        """Diversity loss: the mean pairwise cosine similarity of each real window's query outputs (lower = the
+        queries read different things), weighted by ``diversity_weight``. ``diversity_on="queries"`` (default,
+        as the official code's ``calc_diversity_loss`` on the Q-Former's last hidden state) takes it on the
+        query states of this step's forward pass; ``"tokens"`` on the projected LLM tokens ``tokens``."""
         if not self.config.diversity_weight:
             return None
         Q = self.config.num_queries
+        if self.config.diversity_on == "queries":
+            states = self.__dict__.pop("_diversity_states", None)
+            if states is None:
+                raise RuntimeError("QFormerConnector.losses with diversity_on='queries' needs a forward "
+                                   "pass first (it reads that pass's query states)")
+            tokens = states
         z = F.normalize(tokens.reshape(-1, Q, tokens.shape[-1]), dim=-1)  # (W, Q, d)
         sim = z @ z.transpose(1, 2)  # (W, Q, Q)
         off_diagonal = (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / max(Q * (Q - 1), 1)  # (W,)
