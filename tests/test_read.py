@@ -166,10 +166,26 @@ def test_bundles_saved_before_grid_view_keep_the_whole_frame_placement(tmp_path)
     bundle = json.loads(path.read_text())
     assert bundle["parts"]["seg"]["sasp"]["grid_view"] == "encoder"
     del bundle["parts"]["seg"]["sasp"]["grid_view"]  # as written before the field existed
+    del bundle["parts"]["seg"]["dice_smooth"]
     path.write_text(json.dumps(bundle))
     old = ReadModel.from_pretrained(tmp_path / "read", llm=FrozenLM(tiny_llama(5), tiny_tokenizer()),
                                     sam=tiny_sam(5), load_encoder=False)
     assert old.config.sasp.grid_view == "image"
+    assert old.config.dice_smooth == 1.0  # nor dice_smooth (saved here): smoothing 1, as those runs trained
+
+
+def test_dice_smoothing_is_lisas_by_default():
+    """LISA / READ: 1 - (2 sum(p t) / 1000 + 1e-6) / (sum(p) / 1000 + sum(t) / 1000 + 1e-6) per mask."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 8, 8) * 3, torch.rand(3, 8, 8) > 0.7
+    target[2] = False  # an empty mask
+    p, t = logits.sigmoid().flatten(1), target.flatten(1).float()
+    lisa = 1 - (2 * (p / 1000 * t).sum(-1) + 1e-6) / ((p / 1000).sum(-1) + (t / 1000).sum(-1) + 1e-6)
+    assert SegConfig().dice_smooth == 1e-3
+    torch.testing.assert_close(dice_loss(logits, target, SegConfig().dice_smooth), lisa)
+    assert not torch.allclose(dice_loss(logits, target, 1.0), lisa)  # the smoothing matters on small masks
+    with pytest.raises(ValueError, match="dice_smooth must be >= 0"):
+        SegConfig(dice_smooth=-1.0)
 
 
 def test_seg_only_segment_works_with_tokens_that_are_no_grid():
@@ -262,4 +278,18 @@ def test_bundle_save_load_gives_identical_masks(tmp_path):
     with pytest.raises(ValueError, match="not a READ segmentation model"):
         model.vlm.save_pretrained(tmp_path / "vlm", llm_name="tiny-llm")
         ReadModel.from_pretrained(tmp_path / "vlm", llm=FrozenLM(tiny_llama(2), tiny_tokenizer()), sam=tiny_sam(2),
+                                  load_encoder=False)
+
+
+def test_a_bundle_on_a_sam_whose_mask_decoder_has_other_sizes_is_refused_naming_both(tmp_path):
+    from transformers import SamModel
+
+    model = build(seed=3)
+    model.save_pretrained(tmp_path / "read", llm_name="tiny-llm", sam_name="tiny-sam", encoder={"spec": "none"})
+    config = tiny_sam(3).config
+    config.mask_decoder_config.mlp_dim = 44  # same prompt width (20), another decoder MLP
+    other = SamModel(config)
+    with pytest.raises(ValueError, match=r"mask_decoder does not fit the mask decoder of SAM 'tiny-sam': .*"
+                       r"saved \(36, 20\), this SAM \(44, 20\)"):
+        ReadModel.from_pretrained(tmp_path / "read", llm=FrozenLM(tiny_llama(3), tiny_tokenizer()), sam=other,
                                   load_encoder=False)

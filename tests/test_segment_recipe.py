@@ -46,7 +46,7 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
     assert bundle["kind"] == "read" and bundle["parts"]["seg_prompt"] == "<image> what is {expression} ?"
     assert Path(bundle["parts"]["sam"]["name"]).is_absolute()  # the bundle loads from any working directory
     out = tmp_path / "eval.json"
-    done = run("eval.py", ["--models", str(tmp_path / "run" / "final"), "--size", "2", "--option", "render_size=30",
+    done = run("eval.py", ["--models", str(tmp_path / "run" / "final"), "--size", "3", "--option", "render_size=30",
                            "--feature-cache", str(tmp_path / "f"), "--json", str(out), "--sheet",
                            str(tmp_path / "sheet.html"), "--sheet-examples", "2", "--ablate-points"], tmp_path)
     result = json.loads(out.read_text())[0]
@@ -65,6 +65,9 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
     if result["similarity_auc"] is not None:  # any model: how well its <SEG> map ranks the target first
         assert 0.0 <= result["similarity_auc"] <= 1.0 and result["similarity_auc_expressions"] >= 1
     assert "| model | SasP | gIoU | cIoU |" in done.stdout
+    ground = result["grounding"]  # held-out scenes 0 and 1 hold one object, scene 2 two: its expressions count
+    assert ground["expressions"] >= 1 and 0.0 <= ground["named_best"] <= 1.0 and 1 / 3 <= ground["chance"] <= 0.5
+    assert "overlaps the named object best" in done.stdout
     assert len(result["ious"]) == result["examples"] and abs(sum(result["ious"]) / len(result["ious"]) - result["gIoU"]) < 1e-9
     # pairing two reports of the same expressions: the difference of a model with itself is exactly zero
     paired = run("eval.py", ["--compare", str(out), str(out)], tmp_path)
@@ -114,3 +117,4 @@ def test_sam_embedding_cache_notices_a_retrained_sam(sam_dir, tmp_path):
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # written again
     assert sam_fingerprint(sam, str(copy)) != before
     assert sam_fingerprint(sam, "facebook/sam-vit-base")["name"] == "facebook/sam-vit-base"
+

@@ -415,6 +415,10 @@ class ReferringSource(DataSource):
         """The named object's mask in image i, (H, W) bool at ``size`` (an int: square)."""
         raise NotImplementedError
 
+    def object_masks(self, i: int, size: tuple[int, int] | int) -> list[np.ndarray] | None:
+        """Every object's mask in image i, indexed as ``Referral.target`` (None: this source does not know them)."""
+        return None
+
     def segmentation_examples(self, per_image: int, seed: int | None = None) -> list[Referral]:
         """Up to ``per_image`` referrals per image, drawn with ``seed`` (default ``data.seed``)."""
         rng = random.Random(self.config.seed if seed is None else seed)
@@ -441,12 +445,15 @@ class ShapesWorldReferSource(ShapesWorldSource, ReferringSource):
                 for ref in referring_expressions(self.dataset.scene(i))]
 
     def mask(self, i: int, referral: Referral, size: tuple[int, int] | int) -> np.ndarray:
+        return self.object_masks(i, size)[referral.target]
+
+    def object_masks(self, i: int, size: tuple[int, int] | int) -> list[np.ndarray]:
         from .shapes import render_masks
 
         side = size if isinstance(size, int) else size[0]
         if not isinstance(size, int) and size[0] != size[1]:
             raise ValueError(f"ShapesWorld images are square; got mask size {size}")
-        return render_masks(self.dataset.scene(i), side)[referral.target]
+        return list(render_masks(self.dataset.scene(i), side))
 
     def examples(self, *, caption_prompt: str, vqa_prompt: str, seed: int | None = None) -> list[Example]:
         return ShapesWorldSource.examples(self, caption_prompt=caption_prompt, vqa_prompt=vqa_prompt, seed=seed)

@@ -38,6 +38,27 @@ def seg_scores(preds: list[np.ndarray | None], truths: list[np.ndarray], per_exa
     return scores
 
 
+def grounding(preds: list[np.ndarray | None], scenes: list[list[np.ndarray] | None], targets: list[int]) -> dict:
+    """Does a mask pick out the object its expression names? Over the examples whose scene has two objects or
+    more (``scenes[i]``: every object's (H, W) bool mask; None: unknown), the share whose prediction overlaps
+    the named object ``targets[i]`` with a higher IoU than any other object ("no mask" counts as a miss), next to
+    ``chance``, the share a mask of one object drawn at random would reach. A model that segments some object
+    well but not the named one scores gIoU from one-object scenes and chance here."""
+    hits, chance = [], []
+    for pred, masks, target in zip(preds, scenes, targets, strict=True):
+        if masks is None or len(masks) < 2:
+            continue
+        chance.append(1.0 / len(masks))
+        if pred is None:
+            hits.append(0.0)
+            continue
+        pred = np.asarray(pred, dtype=bool)
+        ious = [int((pred & m).sum()) / max(int((pred | m).sum()), 1) for m in masks]
+        hits.append(float(int(np.argmax(ious)) == target and ious[target] > 0))
+    return {"expressions": len(hits), "named_best": float(np.mean(hits)) if hits else None,
+            "chance": float(np.mean(chance)) if chance else None}
+
+
 def map_auc(scores, truth, box=None) -> float | None:
     """How well a coarse score map ranks the target's pixels above the rest: the probability that a random
     target pixel's cell scores higher than a random background pixel's (ties count half), with the (h, w)

@@ -14,7 +14,8 @@ The model is a :class:`~mmkit.models.VisionLanguageModel` (frozen encoder, conne
    to the ground-truth size.
 
 Loss ``ce_weight * CE + bce_weight * BCE + dice_weight * Dice`` (1.0 / 2.0 / 0.5, the paper's), BCE per pixel
-and Dice per mask as LISA computes them (a Dice smoothing term makes empty masks well defined). The connector
+and Dice per mask as LISA computes them (``dice_smooth``: LISA's code scales the sums by 1/1000 and adds 1e-6,
+the same as adding 1e-3 to the unscaled sums; it keeps empty masks well defined). The connector
 trains on this loss only: a connector's own objective (VLAP's assignment term) is not added here.
 """
 
@@ -47,6 +48,7 @@ class SegConfig(StrictConfig):
     ce_weight: float = 1.0
     bce_weight: float = 2.0
     dice_weight: float = 0.5
+    dice_smooth: float = 1e-3  # added to both Dice sums (LISA / READ: eps 1e-6 at scale 1/1000)
     lora_r: int = 8  # 0: no LoRA (only the <SEG> row, the head and the mask decoder train)
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -54,7 +56,7 @@ class SegConfig(StrictConfig):
     train_mask_decoder: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("ce_weight", "bce_weight", "dice_weight"):
+        for name in ("ce_weight", "bce_weight", "dice_weight", "dice_smooth"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SegConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.lora_r < 0:
@@ -336,7 +338,7 @@ class ReadModel(nn.Module):
         denom = keep.sum().clamp_min(1.0)
         bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1) * keep).sum()
         bce = bce / denom
-        dice = (dice_loss(logits, target) * keep).sum() / denom
+        dice = (dice_loss(logits, target, cfg.dice_smooth) * keep).sum() / denom
         loss = cfg.ce_weight * out.loss + cfg.bce_weight * bce + cfg.dice_weight * dice
         return SegOutput({"loss": loss, "ce_loss": out.loss, "bce_loss": bce, "dice_loss": dice}, logits, coords,
                          labels, found)
@@ -386,15 +388,21 @@ class ReadModel(nn.Module):
         if isinstance(seg.get("sasp"), dict) and "grid_view" not in seg["sasp"]:
             # saved before SasPConfig.grid_view existed: trained with the grid over the whole frame; keep it so
             seg["sasp"] = {**seg["sasp"], "grid_view": "image"}
+        seg.setdefault("dice_smooth", 1.0)  # saved before the field existed: trained with smoothing 1
         config = SegConfig.from_dict(seg)
         model = cls(vlm, sam, config)  # finds the <SEG> row and LoRA the trainable folder added
         load_adapter_weights(model.head, folders["head"])
         decoder, _ = load_adapter(folders["mask_decoder"])
-        try:
-            model.sam.mask_decoder.load_state_dict(decoder.decoder.state_dict())
-        except RuntimeError as err:
-            raise ValueError(f"{folders['mask_decoder']} does not fit the mask decoder of SAM "
-                             f"{parts['sam']['name']!r}: {str(err).splitlines()[0]}") from None
+        saved, target = decoder.decoder.state_dict(), model.sam.mask_decoder.state_dict()
+        differ = [f"{k} saved {tuple(v.shape)}, this SAM {tuple(target[k].shape)}" for k, v in saved.items()
+                  if k in target and v.shape != target[k].shape]
+        differ += [f"{k} only in the saved decoder" for k in saved.keys() - target.keys()]
+        differ += [f"{k} only in this SAM" for k in target.keys() - saved.keys()]
+        if differ:
+            more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+            raise ValueError(f"{folders['mask_decoder']} does not fit the mask decoder of SAM {parts['sam']['name']!r}: "
+                             f"{'; '.join(sorted(differ)[:3])}{more}. Load the bundle with the SAM it was trained on.")
+        model.sam.mask_decoder.load_state_dict(saved)
         return model
 
     # ------------------------------------------------------------------ inference

@@ -23,7 +23,7 @@ from mmkit.cli import run_guarded
 def evaluate(model_dir: Path, args) -> dict:
     from mmkit.data.features import source_features
     from mmkit.data.sources import DataConfig, open_source
-    from mmkit.eval.seg import map_auc, overlay, seg_scores, write_sheet
+    from mmkit.eval.seg import grounding, map_auc, overlay, seg_scores, write_sheet
     from mmkit.heads.seg import ReadModel, view_boxes
     from mmkit.models.bundle import read_bundle
     from mmkit.training.seg import SEG_PROMPT, sam_embeddings
@@ -40,6 +40,7 @@ def evaluate(model_dir: Path, args) -> dict:
     prompt = parts.get("seg_prompt", SEG_PROMPT)  # the training prompt, kept in the bundle
     ablate = args.ablate_points and parts["seg"].get("sasp") is not None
     preds, truths, kinds, cards, bare = [], [], [], [], []
+    scenes, targets = [], []  # every object's mask where the source knows them: is the *named* one segmented?
     positives, inside = [], []  # SasP: positive points per expression; share of them inside the target
     aucs = []  # how well the <SEG> state's similarity map ranks the target's pixels first (any model)
     from tqdm.auto import tqdm
@@ -53,6 +54,8 @@ def evaluate(model_dir: Path, args) -> dict:
         boxes = view_boxes(model.vlm.encoder, sizes, len(chunk), size)  # the token grid's part of each mask
         for r, res, box in zip(chunk, out, boxes.tolist(), strict=True):
             truth = source.mask(r.index, r, size)
+            scenes.append(source.object_masks(r.index, size))
+            targets.append(r.target)
             mask = None if res["mask"] is None else res["mask"].numpy()
             preds.append(mask)
             truths.append(truth)
@@ -93,6 +96,7 @@ def evaluate(model_dir: Path, args) -> dict:
                          "expressions; red: prediction, green outline: truth, rings: SAM points (white +, black -)")
         result["sheet"] = str(sheet)
     result["sasp_points"] = points
+    result["grounding"] = grounding(preds, scenes, targets)
     result["similarity_auc"] = sum(aucs) / len(aucs) if aucs else None  # 0.5: the map does not mark the target
     result["similarity_auc_expressions"] = len(aucs)  # those answered with <SEG> (and a target that is not empty)
     if ablate:  # the same answers and <SEG> prompts decoded again without SasP's points: what do they add?
@@ -163,6 +167,11 @@ def main(argv=None) -> list[dict]:
             share = "-" if pts["positives_inside_target"] is None else f"{100 * pts['positives_inside_target']:.1f}%"
             print(f"  {r['model']}: {pts['positives_per_expression']:.1f} positive SasP points per expression, "
                   f"{share} of them inside the target")
+        ground = r.get("grounding") or {}
+        if ground.get("named_best") is not None:
+            print(f"  {r['model']}: in scenes of two objects or more the mask overlaps the named object best for "
+                  f"{100 * ground['named_best']:.1f}% of {ground['expressions']} expressions (one object at random: "
+                  f"{100 * ground['chance']:.1f}%)")
         if r.get("similarity_auc") is not None:
             print(f"  {r['model']}: the <SEG> similarity map ranks target pixels first with AUC "
                   f"{r['similarity_auc']:.3f} (0.5: no better than chance; over "
