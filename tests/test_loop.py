@@ -151,3 +151,17 @@ def test_two_processes_give_the_one_process_curve_and_resume(tmp_path):
     _launch(tmp_path, 2, "resumed", "train.batch_size=4", "--resume")
     assert torch.allclose(weights(tmp_path / "resumed" / "final")["weight"],
                           weights(tmp_path / "two" / "final")["weight"], atol=1e-6)
+
+
+def test_the_recorded_command_names_the_launcher_that_ran_it(monkeypatch):
+    import sys
+
+    from mmkit.training.loop import recipe_command
+
+    monkeypatch.setattr(sys, "argv", ["recipes/segment/pretrain_sam.py", "--resume"])
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert recipe_command(None, "x.py") == "python recipes/segment/pretrain_sam.py --resume"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what `accelerate launch` sets for its child
+    assert recipe_command(None, "x.py") == "accelerate launch recipes/segment/pretrain_sam.py --resume"
+    assert recipe_command(["--max_train_steps", "2"], "recipes/caption/train.py") == (
+        "recipes/caption/train.py --max_train_steps 2")

@@ -435,10 +435,16 @@ def _flat(config: dict, prefix: str = "") -> dict:
 
 
 def recipe_command(argv: list[str] | None, script: str) -> str:
-    """The command line recorded with a run (``accelerate launch ...`` when argv comes from sys.argv)."""
+    """The command line recorded with a run: ``argv`` after ``script`` when given, else this process's own,
+    prefixed with ``accelerate launch`` when that launcher started it (it sets ``ACCELERATE_MIXED_PRECISION``
+    for every kind of launch) and with ``python`` otherwise."""
+    import os
     import sys
 
-    return " ".join(["accelerate launch", *sys.argv]) if argv is None else " ".join([script, *argv])
+    if argv is not None:
+        return " ".join([script, *argv])
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+    return " ".join([launcher, *sys.argv])
 
 
 __all__ = ["LR_SCHEDULES", "TrainLoopConfig", "TrainingLoop", "TrainingTask", "recipe_command"]
