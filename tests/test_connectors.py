@@ -240,3 +240,36 @@ def test_prior_is_saved_with_the_weights_and_old_folders_load_as_balanced(tmp_pa
     target.set_prior(prior)
     load_weights_into(target, tmp_path / "old")
     assert torch.equal(target.prior, prior) and torch.equal(target.proj.weight, c.proj.weight)
+
+
+def test_linear_connector_positions_tell_apart_equal_tokens_at_other_places(tmp_path):
+    """A CNN grid's background tokens are equal wherever they lie; with ``positions`` the connector's outputs say
+    where each token is (2-D sine-cosine start, learned), and they save and load with the connector."""
+    from mmkit.adapters import load_adapter
+    from mmkit.nn import grid_sincos
+
+    codes = grid_sincos(3, 3, 10)  # 2 channels per quarter + 2 zero channels
+    assert codes.shape == (9, 10) and codes.abs().max() <= 1 and torch.equal(codes[:, 8:], torch.zeros(9, 2))
+    torch.testing.assert_close(codes[4, :2], torch.tensor([1.0, 0.01]).sin())  # column 1 at frequencies 1, 1/100
+    torch.testing.assert_close(codes[4, 4:6], torch.tensor([1.0, 0.01]).sin())  # row 1 likewise
+    assert len({tuple(c.tolist()) for c in codes}) == 9  # every cell its own code
+
+    torch.manual_seed(0)
+    plain = build_connector("linear", vision_dim=6, llm_dim=12)
+    torch.manual_seed(0)
+    placed = build_connector("linear", vision_dim=6, llm_dim=12, positions=9)
+    background = torch.ones(2, 9, 6)  # nine equal tokens
+    out, _ = plain(background)
+    assert torch.allclose(out, out[:, :1].expand_as(out))
+    out, _ = placed(background)
+    assert len({tuple(t.round(decimals=5).tolist()) for t in out[0]}) == 9
+    torch.testing.assert_close(placed.position.std(), torch.tensor(0.1))
+    torch.testing.assert_close(out - plain(background)[0], placed.position.expand(2, -1, -1))  # same proj start
+    assert "position" in dict(placed.named_parameters())  # it trains
+    placed.save_adapter(tmp_path / "c")
+    again, _ = load_adapter(tmp_path / "c")
+    torch.testing.assert_close(again(background)[0], out)
+    with pytest.raises(ValueError, match="has position embeddings for 9 tokens .* got 4 tokens"):
+        placed(torch.ones(1, 4, 6))
+    with pytest.raises(ValueError, match="must be 0 or the token count of a square grid"):
+        build_connector("linear", vision_dim=6, llm_dim=12, positions=10)

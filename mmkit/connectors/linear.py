@@ -1,8 +1,16 @@
 """The LiMBeR / MAGMA baseline: one linear layer from vision tokens into the LLM's input space,
-trained with the captioning loss only."""
+trained with the captioning loss only.
+
+``positions`` (default 0: none) adds a learned position embedding per token of a square token grid to the
+outputs, started from 2-D sine-cosine codes of ``position_std`` per channel. A ViT's tokens (CLIP's, which
+LLaVA / LISA feed their LLM) carry their place in their values; a CNN's pooled grid (EfficientNet's) carries
+none, and the LLM only sees token order through its rotary attention scores, which never enter the values.
+With positions, the state of a token that attended to an object also holds where that object is.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -13,6 +21,13 @@ from .base import Connector, ConnectorConfig
 @dataclass
 class LinearConnectorConfig(ConnectorConfig):
     bias: bool = True
+    positions: int = 0  # tokens of the square grid that get a learned position embedding (0: none)
+    position_std: float = 0.1  # per-channel std of the 2-D sine-cosine start
+
+    def __post_init__(self) -> None:
+        if self.positions < 0 or math.isqrt(self.positions) ** 2 != self.positions:
+            raise ValueError(f"LinearConnectorConfig.positions must be 0 or the token count of a square grid (49 for "
+                             f"7 x 7), got {self.positions}")
 
 
 class LinearConnector(Connector):
@@ -22,7 +37,19 @@ class LinearConnector(Connector):
     def __init__(self, config: LinearConnectorConfig) -> None:
         super().__init__(config)
         self.proj = nn.Linear(config.vision_dim, config.llm_dim, bias=config.bias)
+        if config.positions:
+            from ..nn import grid_sincos
+
+            side = math.isqrt(config.positions)
+            codes = grid_sincos(side, side, config.llm_dim)  # (N, llm_dim), channels in [-1, 1]
+            self.position = nn.Parameter(codes * (config.position_std / codes.std().clamp_min(1e-12)))
 
     def forward(self, features: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """(B, N, vision_dim) -> (B, N, llm_dim), the mask unchanged."""
-        return self.proj(features), mask
+        """(B, N, vision_dim) -> (B, N, llm_dim) (+ the position embeddings), the mask unchanged."""
+        out = self.proj(features)
+        if self.config.positions:
+            if features.shape[1] != self.config.positions:
+                raise ValueError(f"this linear connector has position embeddings for {self.config.positions} tokens "
+                                 f"(a square grid); got {features.shape[1]} tokens per image")
+            out = out + self.position
+        return out, mask

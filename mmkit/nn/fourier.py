@@ -45,3 +45,16 @@ class FourierFeatures(nn.Module):
         if self.normalize:
             out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return out
+
+
+def grid_sincos(rows: int, cols: int, dim: int) -> Tensor:
+    """Fixed 2-D sine-cosine position codes of a row-major (rows, cols) token grid -> (rows * cols, dim): a quarter
+    of the channels each for sin / cos of the column and of the row, at frequencies 1 / 10000^(k / (dim // 4)),
+    the rest (dim % 4) zero. Every channel lies in [-1, 1]."""
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))  # (dim // 4,)
+    y, x = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
+                          indexing="ij")
+    x, y = x.reshape(-1, 1) * freq, y.reshape(-1, 1) * freq  # (rows * cols, dim // 4)
+    codes = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+    return torch.nn.functional.pad(codes, (0, dim - 4 * quarter)).float()
