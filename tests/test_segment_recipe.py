@@ -69,6 +69,13 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
     assert ground["expressions"] >= 1 and 0.0 <= ground["named_best"] <= 1.0 and 1 / 3 <= ground["chance"] <= 0.5
     assert "overlaps the named object best" in done.stdout
     assert len(result["ious"]) == result["examples"] and abs(sum(result["ious"]) / len(result["ious"]) - result["gIoU"]) < 1e-9
+    # does the mask follow the expression? (scene 2 holds two objects)
+    diag = tmp_path / "diag.json"
+    done = run("diagnose.py", ["--models", str(tmp_path / "run" / "final"), "--size", "3", "--json", str(diag)],
+               tmp_path)
+    (d,) = json.loads(diag.read_text())
+    assert d["scenes"] == 1 and d["expressions"] == 2 and 0.0 <= d["named_best"] <= 1.0
+    assert 0.0 <= d["mask_iou_between_expressions"] <= 1.0 and "named object best" in done.stdout
     # pairing two reports of the same expressions: the difference of a model with itself is exactly zero
     paired = run("eval.py", ["--compare", str(out), str(out)], tmp_path)
     assert "minus" in paired.stdout and ": +0.0 points" in paired.stdout
@@ -118,3 +125,18 @@ def test_sam_embedding_cache_notices_a_retrained_sam(sam_dir, tmp_path):
     assert sam_fingerprint(sam, str(copy)) != before
     assert sam_fingerprint(sam, "facebook/sam-vit-base")["name"] == "facebook/sam-vit-base"
 
+
+
+def test_the_location_probe_finds_a_linear_signal_and_not_noise():
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("diagnose", ROOT / "recipes" / "segment" / "diagnose.py")
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 30))
+    y = np.stack([x[:, 0] * 0.3 + 0.5, x[:, 1] * -0.2 + 0.5], 1) + rng.normal(scale=0.01, size=(200, 2))
+    assert min(diagnose.ridge_r2(x, y, 1.0)) > 0.95
+    assert max(diagnose.ridge_r2(rng.normal(size=(200, 30)), y, 1.0)) < 0.1  # unrelated states explain nothing
