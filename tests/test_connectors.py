@@ -250,9 +250,12 @@ def test_linear_connector_positions_tell_apart_equal_tokens_at_other_places(tmp_
 
     codes = grid_sincos(3, 3, 10)  # 2 channels per quarter + 2 zero channels
     assert codes.shape == (9, 10) and codes.abs().max() <= 1 and torch.equal(codes[:, 8:], torch.zeros(9, 2))
-    torch.testing.assert_close(codes[4, :2], torch.tensor([1.0, 0.01]).sin())  # column 1 at frequencies 1, 1/100
-    torch.testing.assert_close(codes[4, 4:6], torch.tensor([1.0, 0.01]).sin())  # row 1 likewise
+    half_period, four_cells = torch.pi / 3, torch.pi / 2  # the two frequencies on a 3-cell axis
+    torch.testing.assert_close(codes[5, :2], torch.tensor([half_period * 2, four_cells * 2]).sin())  # column 2
+    torch.testing.assert_close(codes[5, 4:6], torch.tensor([half_period, four_cells]).sin())  # row 1
     assert len({tuple(c.tolist()) for c in codes}) == 9  # every cell its own code
+    seven = grid_sincos(7, 7, 576)
+    assert (seven.std(0) > 0.2).all()  # every channel moves across a 7 x 7 grid (576 = 4 x 144: no padding)
 
     torch.manual_seed(0)
     plain = build_connector("linear", vision_dim=6, llm_dim=12)
@@ -263,7 +266,9 @@ def test_linear_connector_positions_tell_apart_equal_tokens_at_other_places(tmp_
     assert torch.allclose(out, out[:, :1].expand_as(out))
     out, _ = placed(background)
     assert len({tuple(t.round(decimals=5).tolist()) for t in out[0]}) == 9
-    torch.testing.assert_close(placed.position.std(), torch.tensor(0.1))
+    spread = placed.position.std(0)  # per channel over the 9 positions: 0.1, mean 0 (no common offset)
+    torch.testing.assert_close(spread, torch.full((12,), 0.1))
+    torch.testing.assert_close(placed.position.mean(0), torch.zeros(12), atol=1e-6, rtol=0)
     torch.testing.assert_close(out - plain(background)[0], placed.position.expand(2, -1, -1))  # same proj start
     assert "position" in dict(placed.named_parameters())  # it trains
     placed.save_adapter(tmp_path / "c")
@@ -271,5 +276,10 @@ def test_linear_connector_positions_tell_apart_equal_tokens_at_other_places(tmp_
     torch.testing.assert_close(again(background)[0], out)
     with pytest.raises(ValueError, match="has position embeddings for 9 tokens .* got 4 tokens"):
         placed(torch.ones(1, 4, 6))
-    with pytest.raises(ValueError, match="must be 0 or the token count of a square grid"):
-        build_connector("linear", vision_dim=6, llm_dim=12, positions=10)
+    with pytest.raises(ValueError, match="does not take masked"):
+        placed(torch.ones(1, 9, 6), torch.ones(1, 9, dtype=torch.bool))
+    for bad in (10, -4):
+        with pytest.raises(ValueError, match="must be 0 or the token count of a square grid"):
+            build_connector("linear", vision_dim=6, llm_dim=12, positions=bad)
+    with pytest.raises((TypeError, ValueError), match="positions expects int"):
+        build_connector("linear", vision_dim=6, llm_dim=12, positions=True)

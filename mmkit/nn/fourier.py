@@ -47,14 +47,21 @@ class FourierFeatures(nn.Module):
         return out
 
 
+
 def grid_sincos(rows: int, cols: int, dim: int) -> Tensor:
     """Fixed 2-D sine-cosine position codes of a row-major (rows, cols) token grid -> (rows * cols, dim): a quarter
-    of the channels each for sin / cos of the column and of the row, at frequencies 1 / 10000^(k / (dim // 4)),
-    the rest (dim % 4) zero. Every channel lies in [-1, 1]."""
+    of the channels each for sin / cos of the column and of the row, at frequencies spread geometrically from half
+    a period across the grid (pi / side) to a period of four cells (pi / 2), so that every channel varies over a
+    grid of a few cells (ViT / MAE codes, base 10000, barely move across 7 cells); the rest (dim % 4) zero. Every
+    channel lies in [-1, 1]."""
     quarter = dim // 4
-    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))  # (dim // 4,)
-    y, x = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
-                          indexing="ij")
-    x, y = x.reshape(-1, 1) * freq, y.reshape(-1, 1) * freq  # (rows * cols, dim // 4)
-    codes = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
-    return torch.nn.functional.pad(codes, (0, dim - 4 * quarter)).float()
+
+    def axis(n: int) -> Tensor:  # (n, 2 * quarter): sin and cos of cell index times each frequency
+        lo, hi = math.pi / max(n, 1), math.pi / 2
+        freq = lo * (hi / lo) ** (torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1))
+        z = torch.arange(n, dtype=torch.float64)[:, None] * freq
+        return torch.cat([z.sin(), z.cos()], dim=1)
+
+    x = axis(cols).repeat(rows, 1)  # (rows * cols, 2 * quarter), column of each cell
+    y = axis(rows).repeat_interleave(cols, dim=0)  # row of each cell
+    return torch.nn.functional.pad(torch.cat([x, y], dim=1), (0, dim - 4 * quarter)).float()
