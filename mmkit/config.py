@@ -156,7 +156,12 @@ def atomic_write_folder(directory: str | os.PathLike, write: typing.Callable[[Pa
         if directory.is_dir() and any(directory.iterdir()):  # another process finished first
             shutil.rmtree(tmp)
         else:
-            os.replace(tmp, directory)  # (renaming onto an empty folder replaces it)
+            try:
+                os.replace(tmp, directory)  # (renaming onto an empty folder replaces it)
+            except OSError:
+                if not (directory.is_dir() and any(directory.iterdir())):
+                    raise
+                shutil.rmtree(tmp)  # another process filled it in between: keep its copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

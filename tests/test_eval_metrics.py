@@ -458,14 +458,15 @@ def test_giou_averages_per_example_and_ciou_pools_pixels():
 def test_grounding_asks_whether_the_named_object_is_the_one_segmented():
     import numpy as np
 
-    from mmkit.eval.seg import grounding
+    from mmkit.eval.seg import grounding, named_object_hit
 
     a, b, c = (np.zeros((6, 6), bool) for _ in range(3))
     a[0:2, 0:2], b[3:6, 3:6], c[0:2, 4:6] = True, True, True
     both = a | b  # covers a (4 px) and b (9 px): b's IoU is higher
-    out = grounding([a, both, b, None, a, a], [[a, b], [a, b], [a, b, c], [a, b], [a], None], [0, 0, 1, 1, 0, 0])
-    # scenes of one object or unknown scenes do not count; "no mask" is a miss
+    cases = [(a, [a, b], 0), (both, [a, b], 0), (b, [a, b, c], 1), (None, [a, b], 1), (a, [a], 0), (a, None, 0)]
+    hits = [named_object_hit(p, m, t) for p, m, t in cases]
+    assert hits == [1.0, 0.0, 1.0, 0.0, None, None]  # one-object or unknown scenes do not count; no mask misses
+    out = grounding(hits, [2, 2, 3, 2, 1, 0])
     assert out == {"expressions": 4, "named_best": 0.5, "chance": (0.5 + 0.5 + 1 / 3 + 0.5) / 4}
-    assert grounding([a], [[a]], [0]) == {"expressions": 0, "named_best": None, "chance": None}
-    empty = np.zeros((6, 6), bool)
-    assert grounding([empty], [[a, b]], [0])["named_best"] == 0.0  # touching nothing is not picking object 0
+    assert grounding([None], [1]) == {"expressions": 0, "named_best": None, "chance": None}
+    assert named_object_hit(np.zeros((6, 6), bool), [a, b], 0) == 0.0  # touching nothing is not picking object 0

@@ -181,6 +181,9 @@ def test_diversity_loss_is_the_mean_pairwise_cosine_of_each_real_windows_query_o
     assert ours.proj.weight.grad is None  # the projection is not part of this loss
     with pytest.raises(RuntimeError, match="needs a forward pass first"):
         ours.losses(tokens, out_mask, LossContext(llm=None))  # each forward's states are read once
+    ours(features[:1], mask[:1])
+    with pytest.raises(RuntimeError, match=r"got tokens \(2, 10, 8\) but the latest forward made 2 windows"):
+        ours.losses(tokens, out_mask, LossContext(llm=None))  # not the tokens of that forward
     # the older reading (diversity_on="tokens"): on the projected LLM tokens handed in
     ours = blip2_sized(diversity_weight=0.01, diversity_on="tokens")
     tokens = torch.randn(2, 10, 8)

@@ -184,8 +184,9 @@ def test_dice_smoothing_is_lisas_by_default():
     assert SegConfig().dice_smooth == 1e-3
     torch.testing.assert_close(dice_loss(logits, target, SegConfig().dice_smooth), lisa)
     assert not torch.allclose(dice_loss(logits, target, 1.0), lisa)  # the smoothing matters on small masks
-    with pytest.raises(ValueError, match="dice_smooth must be >= 0"):
-        SegConfig(dice_smooth=-1.0)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="dice_smooth must be > 0"):
+            SegConfig(dice_smooth=bad)
 
 
 def test_seg_only_segment_works_with_tokens_that_are_no_grid():

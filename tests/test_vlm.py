@@ -104,3 +104,26 @@ def test_one_image_on_its_own_is_accepted(parts):
     image = Image.new("RGB", (40, 36), (200, 30, 30))
     assert len(model.caption(images=image, max_new_tokens=2)) == 1
     assert len(model.answer("what colour is it ?", images=image, max_new_tokens=2)) == 1
+
+
+def test_the_connectors_objective_runs_when_the_connector_is_ddp_wrapped(parts, tmp_path):
+    """Multi-GPU training hands the VLM a DistributedDataParallel connector: the forward goes through the wrapper,
+    the connector's own objective (VLAP's assignment term) through the model inside it."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = make_model(parts, kind="vlap")
+    features = model.image_features(images(2))
+    plain = model(features, ["<image> caption :"] * 2, ["a red circle", "a blue square"],
+                  alignment_texts=["a red circle", "a blue square"])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model.connector = DistributedDataParallel(model.connector)
+        wrapped = model(features, ["<image> caption :"] * 2, ["a red circle", "a blue square"],
+                        alignment_texts=["a red circle", "a blue square"])
+        wrapped["loss"].backward()
+    finally:
+        dist.destroy_process_group()
+    assert set(wrapped) == set(plain) and len(plain) > 2  # the assignment terms are there
+    torch.testing.assert_close(wrapped["loss"], plain["loss"])
+    assert model.connector.module.proj.weight.grad is not None

@@ -237,7 +237,8 @@ class QFormerConnector(Connector):
         """Diversity loss: the mean pairwise cosine similarity of each real window's query outputs (lower = the
         queries read different things), weighted by ``diversity_weight``. ``diversity_on="queries"`` (default,
         as the official code's ``calc_diversity_loss`` on the Q-Former's last hidden state) takes it on the
-        query states of this step's forward pass; ``"tokens"`` on the projected LLM tokens ``tokens``."""
+        query states of the latest forward (kept on the module until this call reads them; the shapes must
+        agree with ``tokens``); ``"tokens"`` on the projected LLM tokens ``tokens``. In float32."""
         if not self.config.diversity_weight:
             return None
         Q = self.config.num_queries
@@ -246,8 +247,12 @@ class QFormerConnector(Connector):
             if states is None:
                 raise RuntimeError("QFormerConnector.losses with diversity_on='queries' needs a forward "
                                    "pass first (it reads that pass's query states)")
-            tokens = states
-        z = F.normalize(tokens.reshape(-1, Q, tokens.shape[-1]), dim=-1)  # (W, Q, d)
+            if states.shape[0] * Q != tokens.shape[0] * tokens.shape[1]:
+                raise RuntimeError(f"QFormerConnector.losses got tokens {tuple(tokens.shape)} but the latest forward "
+                                   f"made {states.shape[0]} windows of {Q} queries: call losses() on the tokens of "
+                                   "the forward just before it")
+            tokens = states.float()
+        z = F.normalize(tokens.float().reshape(-1, Q, tokens.shape[-1]), dim=-1)  # (W, Q, d)
         sim = z @ z.transpose(1, 2)  # (W, Q, Q)
         off_diagonal = (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / max(Q * (Q - 1), 1)  # (W,)
         if mask is not None:

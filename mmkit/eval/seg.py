@@ -38,25 +38,28 @@ def seg_scores(preds: list[np.ndarray | None], truths: list[np.ndarray], per_exa
     return scores
 
 
-def grounding(preds: list[np.ndarray | None], scenes: list[list[np.ndarray] | None], targets: list[int]) -> dict:
-    """Does a mask pick out the object its expression names? Over the examples whose scene has two objects or
-    more (``scenes[i]``: every object's (H, W) bool mask; None: unknown), the share whose prediction overlaps
-    the named object ``targets[i]`` with a higher IoU than any other object ("no mask" counts as a miss), next to
-    ``chance``, the share a mask of one object drawn at random would reach. A model that segments some object
-    well but not the named one scores gIoU from one-object scenes and chance here."""
-    hits, chance = [], []
-    for pred, masks, target in zip(preds, scenes, targets, strict=True):
-        if masks is None or len(masks) < 2:
-            continue
-        chance.append(1.0 / len(masks))
-        if pred is None:
-            hits.append(0.0)
-            continue
-        pred = np.asarray(pred, dtype=bool)
-        ious = [int((pred & m).sum()) / max(int((pred | m).sum()), 1) for m in masks]
-        hits.append(float(int(np.argmax(ious)) == target and ious[target] > 0))
-    return {"expressions": len(hits), "named_best": float(np.mean(hits)) if hits else None,
-            "chance": float(np.mean(chance)) if chance else None}
+def named_object_hit(pred: np.ndarray | None, masks: list[np.ndarray] | None, target: int) -> float | None:
+    """For one expression: 1.0 when the predicted mask overlaps the named object ``masks[target]`` with a higher
+    IoU than any other object of the scene (and touches it), 0.0 otherwise ("no mask" included); None when the
+    scene holds fewer than two objects or its objects are unknown (``masks`` None)."""
+    if masks is None or len(masks) < 2:
+        return None
+    if pred is None:
+        return 0.0
+    pred = np.asarray(pred, dtype=bool)
+    ious = [int((pred & m).sum()) / max(int((pred | m).sum()), 1) for m in masks]
+    return float(int(np.argmax(ious)) == target and ious[target] > 0)
+
+
+def grounding(hits: list[float | None], objects: list[int]) -> dict:
+    """Does a mask pick out the object its expression names? Over the expressions whose scene has two objects or
+    more (``hits[i]`` from :func:`named_object_hit`, None elsewhere; ``objects[i]``: the scene's object count),
+    the share whose mask overlaps the named object best, next to ``chance``, what a mask of one object drawn at
+    random would reach. A model that segments some object well but not the named one earns gIoU in one-object
+    scenes and chance here."""
+    kept = [(h, n) for h, n in zip(hits, objects, strict=True) if h is not None]
+    return {"expressions": len(kept), "named_best": float(np.mean([h for h, _ in kept])) if kept else None,
+            "chance": float(np.mean([1.0 / n for _, n in kept])) if kept else None}
 
 
 def map_auc(scores, truth, box=None) -> float | None:

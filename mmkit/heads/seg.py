@@ -56,9 +56,12 @@ class SegConfig(StrictConfig):
     train_mask_decoder: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("ce_weight", "bce_weight", "dice_weight", "dice_smooth"):
+        for name in ("ce_weight", "bce_weight", "dice_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SegConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.dice_smooth <= 0:
+            raise ValueError(f"SegConfig.dice_smooth must be > 0 (it keeps Dice defined on empty masks), "
+                             f"got {self.dice_smooth}")
         if self.lora_r < 0:
             raise ValueError(f"SegConfig.lora_r must be >= 0, got {self.lora_r}")
         if isinstance(self.sasp, dict):
@@ -68,6 +71,17 @@ class SegConfig(StrictConfig):
             if len(self.grid) != 2 or min(self.grid) < 1:
                 raise ValueError(f"SegConfig.grid must be two positive ints (rows, cols), got {self.grid}")
         self.lora_targets = tuple(self.lora_targets)
+
+
+def saved_seg_config(seg: dict) -> SegConfig:
+    """A bundle's ``parts["seg"]`` as the :class:`SegConfig` it was trained with: fields added since it was
+    written take the value those runs used, not today's default."""
+    seg = dict(seg)
+    if isinstance(seg.get("sasp"), dict) and "grid_view" not in seg["sasp"]:
+        # saved before SasPConfig.grid_view existed: trained with the grid over the whole frame; keep it so
+        seg["sasp"] = {**seg["sasp"], "grid_view": "image"}
+    seg.setdefault("dice_smooth", 1.0)  # saved before the field existed: trained with smoothing 1
+    return SegConfig.from_dict(seg)
 
 
 @dataclass
@@ -384,12 +398,7 @@ class ReadModel(nn.Module):
             sam = load_sam(parts["sam"]["name"])
         vlm = VisionLanguageModel.from_pretrained(directory, encoder=encoder, llm=llm, load_encoder=load_encoder)
         vlm.llm.load_trainable(folders["llm"])
-        seg = dict(parts["seg"])
-        if isinstance(seg.get("sasp"), dict) and "grid_view" not in seg["sasp"]:
-            # saved before SasPConfig.grid_view existed: trained with the grid over the whole frame; keep it so
-            seg["sasp"] = {**seg["sasp"], "grid_view": "image"}
-        seg.setdefault("dice_smooth", 1.0)  # saved before the field existed: trained with smoothing 1
-        config = SegConfig.from_dict(seg)
+        config = saved_seg_config(parts["seg"])
         model = cls(vlm, sam, config)  # finds the <SEG> row and LoRA the trainable folder added
         load_adapter_weights(model.head, folders["head"])
         decoder, _ = load_adapter(folders["mask_decoder"])

@@ -154,7 +154,11 @@ class VisionLanguageModel(nn.Module):
         batch = self.llm.build_batch(prompts, _token_counts(embeds, mask), targets).to(self.llm.device)
         out = {"caption_loss": self.llm.caption_loss(batch, embeds, mask)}
         total = out["caption_loss"]
-        aux = self.connector.losses(embeds, mask, LossContext(llm=self.llm, texts=alignment_texts))
+        from accelerate.utils import extract_model_from_parallel
+
+        # training under DDP / FSDP puts the wrapped connector here: its forward syncs, its objective is the model's
+        connector = extract_model_from_parallel(self.connector)
+        aux = connector.losses(embeds, mask, LossContext(llm=self.llm, texts=alignment_texts))
         if aux is not None:
             out.update(aux.logged)
             total = total + aux.total

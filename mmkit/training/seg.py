@@ -224,11 +224,19 @@ class SegTask(TrainingTask):
         return {}
 
     def load_checkpoint(self, folder: Path, state: dict) -> None:
-        from ..adapters import load_adapter, load_adapter_weights
+        from ..adapters import AdapterMismatch, load_adapter, load_adapter_weights
         from ..connectors import load_weights_into
+        from ..heads.seg import saved_seg_config
         from ..models.bundle import read_bundle
 
-        folders = read_bundle(folder)["adapters"]
+        bundle = read_bundle(folder)
+        saved, wanted = saved_seg_config(bundle["parts"]["seg"]).to_dict(), self.model.config.to_dict()
+        differ = [f"{k} (saved {saved.get(k)!r}, model {wanted.get(k)!r})" for k in sorted(set(saved) | set(wanted))
+                  if saved.get(k) != wanted.get(k)]
+        if differ:  # same tensors, other maths (e.g. a field added since the checkpoint was written)
+            raise AdapterMismatch(f"{folder} was trained with other READ settings than this run's: {', '.join(differ)};"
+                                  " give the run the saved settings (model.seg...) to continue it")
+        folders = bundle["adapters"]
         load_weights_into(self.model.vlm.connector, folders["connector"])
         self.model.vlm.llm.load_trainable(folders["llm"])
         load_adapter_weights(self.model.head, folders["head"])

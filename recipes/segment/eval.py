@@ -23,7 +23,7 @@ from mmkit.cli import run_guarded
 def evaluate(model_dir: Path, args) -> dict:
     from mmkit.data.features import source_features
     from mmkit.data.sources import DataConfig, open_source
-    from mmkit.eval.seg import grounding, map_auc, overlay, seg_scores, write_sheet
+    from mmkit.eval.seg import grounding, map_auc, named_object_hit, overlay, seg_scores, write_sheet
     from mmkit.heads.seg import ReadModel, view_boxes
     from mmkit.models.bundle import read_bundle
     from mmkit.training.seg import SEG_PROMPT, sam_embeddings
@@ -40,7 +40,7 @@ def evaluate(model_dir: Path, args) -> dict:
     prompt = parts.get("seg_prompt", SEG_PROMPT)  # the training prompt, kept in the bundle
     ablate = args.ablate_points and parts["seg"].get("sasp") is not None
     preds, truths, kinds, cards, bare = [], [], [], [], []
-    scenes, targets = [], []  # every object's mask where the source knows them: is the *named* one segmented?
+    hits, objects = [], []  # where the source knows every object's mask: is the *named* one segmented?
     positives, inside = [], []  # SasP: positive points per expression; share of them inside the target
     aucs = []  # how well the <SEG> state's similarity map ranks the target's pixels first (any model)
     from tqdm.auto import tqdm
@@ -53,11 +53,12 @@ def evaluate(model_dir: Path, args) -> dict:
                             (size, size), without_points=ablate, image_sizes=sizes)
         boxes = view_boxes(model.vlm.encoder, sizes, len(chunk), size)  # the token grid's part of each mask
         for r, res, box in zip(chunk, out, boxes.tolist(), strict=True):
-            truth = source.mask(r.index, r, size)
-            scenes.append(source.object_masks(r.index, size))
-            targets.append(r.target)
+            scene = source.object_masks(r.index, size)
+            truth = source.mask(r.index, r, size) if scene is None else scene[r.target]
             mask = None if res["mask"] is None else res["mask"].numpy()
             preds.append(mask)
+            hits.append(named_object_hit(mask, scene, r.target))
+            objects.append(0 if scene is None else len(scene))
             truths.append(truth)
             if ablate:
                 bare.append(None if res["mask_without_points"] is None else res["mask_without_points"].numpy())
@@ -96,7 +97,7 @@ def evaluate(model_dir: Path, args) -> dict:
                          "expressions; red: prediction, green outline: truth, rings: SAM points (white +, black -)")
         result["sheet"] = str(sheet)
     result["sasp_points"] = points
-    result["grounding"] = grounding(preds, scenes, targets)
+    result["grounding"] = grounding(hits, objects)
     result["similarity_auc"] = sum(aucs) / len(aucs) if aucs else None  # 0.5: the map does not mark the target
     result["similarity_auc_expressions"] = len(aucs)  # those answered with <SEG> (and a target that is not empty)
     if ablate:  # the same answers and <SEG> prompts decoded again without SasP's points: what do they add?
