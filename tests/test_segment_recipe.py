@@ -29,7 +29,7 @@ def sam_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sasp", ["{down_sample: 1, num_points: 8}", "null"])
-def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_dir, tmp_path):
+def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_dir, tmp_path, monkeypatch, capsys):
     args = [
         f"model.encoder=hf:{tiny_parts / 'vision'}", f"model.llm={tiny_parts / 'llm'}", "model.token_grid=3",
         f"model.sam={sam_dir}", f"model.seg={{prompt_dim: 20, lora_r: 2, sasp: {sasp}}}",
@@ -103,6 +103,26 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
     else:
         mask = Image.open(record["mask"])
         assert mask.size == (40, 30) and Path(record["overlay"]).is_file()
+    if sasp != "null":  # the mask branch for certain: the same model made to answer with <SEG>, in-process
+        import numpy as np
+
+        from mmkit.cli import main
+        from mmkit.llm import FrozenLM
+
+        def answer_with_seg(self, batch, image_embeds, **kwargs):
+            ids = self.tokenizer(" the <SEG> .", add_special_tokens=False, return_tensors="pt").input_ids
+            return ids.expand(batch.input_ids.shape[0], -1)
+
+        monkeypatch.setattr(FrozenLM, "generate_ids", answer_with_seg)
+        assert main(["segment", str(tmp_path / "red.png"), "the red circle", "--model", str(tmp_path / "run" / "final"),
+                     "--out", str(tmp_path / "forced.mask.png"), "--json"]) == 0
+        record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert "<SEG>" in record["answer"] and record["mask"] == str(tmp_path / "forced.mask.png")
+        mask = np.asarray(Image.open(record["mask"]))
+        assert mask.shape == (30, 40) and set(np.unique(mask)) <= {0, 255} and record["pixels"] == (mask > 0).sum()
+        assert record["overlay"] == str(tmp_path / "forced.overlay.png")
+        tinted = np.asarray(Image.open(record["overlay"]).convert("RGB")) != np.array([200, 30, 30])
+        assert tinted.shape == (30, 40, 3) and (tinted.any(-1) >= (mask > 0)).all()  # the mask's pixels in red
     for bad, message in (([*cli[:5], " "], "expression is empty"), ([*cli, "--out", str(tmp_path / "m.jpg")], "PNG"),
                          ([*cli[:6], "--model", str(tmp_path)], "no trained READ model")):
         done = subprocess.run(bad, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
