@@ -18,19 +18,25 @@ def blip2_sized(**overrides):
     return build_connector("qformer", **cfg).eval()
 
 
-def test_with_the_causal_part_off_it_is_the_transformers_blip2_qformer():
-    reference = tiny_qformer(seed=3).eval()
-    ours = blip2_sized()
-    left = ours.load_blip2_qformer(reference)
-    assert left == ["proj.bias", "proj.weight", "query_tokens"]  # FAVOR's own parts (BLIP-2 keeps queries outside)
+def assert_same_query_states(ours, reference, real_tokens: int) -> None:
+    """Two windows of 12 tokens of width 40 (the second with only ``real_tokens`` real ones): our query states
+    equal the transformers Q-Former's on the same queries, tokens and mask."""
     g = torch.Generator().manual_seed(0)
     window = torch.randn(2, 12, 40, generator=g)
-    mask = torch.tensor([[True] * 12, [True] * 7 + [False] * 5])
+    mask = torch.tensor([[True] * 12, [True] * real_tokens + [False] * (12 - real_tokens)])
     with torch.no_grad():
         theirs = reference(query_embeds=ours.query_tokens.expand(2, -1, -1), encoder_hidden_states=window,
                            encoder_attention_mask=mask.long()).last_hidden_state
         mine = ours.query_states(window, mask)
     torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_with_the_causal_part_off_it_is_the_transformers_blip2_qformer():
+    reference = tiny_qformer(seed=3).eval()
+    ours = blip2_sized()
+    left = ours.load_blip2_qformer(reference)
+    assert left == ["proj.bias", "proj.weight", "query_tokens"]  # FAVOR's own parts (BLIP-2 keeps queries outside)
+    assert_same_query_states(ours, reference, real_tokens=7)
     # a whole BLIP-2 state dict (qformer.* + query_tokens) loads the same way, query tokens included
     blip2_state = {f"qformer.{k}": v for k, v in reference.state_dict().items()}
     blip2_state["query_tokens"] = torch.randn(1, 5, 48)
@@ -259,14 +265,7 @@ def test_with_cross_attention_every_2_and_the_causal_part_off_it_is_the_transfor
     assert [layer.has_cross_attention for layer in reference.encoder.layer] == [True, False, True, False]
     ours = blip2_sized(num_layers=4, cross_attention_every=2)
     assert ours.load_blip2_qformer(reference) == ["proj.bias", "proj.weight", "query_tokens"]
-    g = torch.Generator().manual_seed(0)
-    window = torch.randn(2, 12, 40, generator=g)
-    mask = torch.tensor([[True] * 12, [True] * 8 + [False] * 4])
-    with torch.no_grad():
-        theirs = reference(query_embeds=ours.query_tokens.expand(2, -1, -1), encoder_hidden_states=window,
-                           encoder_attention_mask=mask.long()).last_hidden_state
-        mine = ours.query_states(window, mask)
-    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    assert_same_query_states(ours, reference, real_tokens=8)
 
 
 @pytest.mark.parametrize("positions", [False, True])
