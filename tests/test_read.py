@@ -232,9 +232,10 @@ def test_empty_masks_and_answers_without_seg():
     results = model.segment(features, prompts, sam_embeddings, (48, 48), max_new_tokens=4)
     assert len(results) == 2
     for r in results:
-        assert set(r) == {"text", "mask", "points", "labels", "similarity"}
+        assert set(r) == {"text", "mask", "points", "labels", "similarity", "seg_state", "prompt"}
         if model.config.seg_token not in r["text"]:
             assert r["mask"] is None  # "no mask", not a crash
+            assert r["seg_state"] is None and r["prompt"] is None
         else:
             assert r["mask"].shape == (48, 48) and r["mask"].dtype == torch.bool
 
@@ -294,3 +295,27 @@ def test_a_bundle_on_a_sam_whose_mask_decoder_has_other_sizes_is_refused_naming_
                        r"saved \(36, 20\), this SAM \(44, 20\)"):
         ReadModel.from_pretrained(tmp_path / "read", llm=FrozenLM(tiny_llama(3), tiny_tokenizer()), sam=other,
                                   load_encoder=False)
+
+
+def test_segment_reports_the_seg_state_and_the_prompt_it_gave_sam(monkeypatch):
+    """An answer with <SEG> (generation forced): segment() hands back the state that predicts <SEG> in the pass over
+    prompt + answer and the head's prompt made of it; an answer without <SEG> gives None for both."""
+    model = build(seed=6).eval()
+    features, prompts, _, sam_embeddings, _ = batch()
+    answers = iter([" the red circle is <SEG> .", " the red circle ."])
+
+    def forced(self, lm_batch, image_embeds, **kwargs):
+        ids = [self.tokenizer(next(answers), add_special_tokens=False, return_tensors="pt").input_ids[0]]
+        return torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id)
+
+    monkeypatch.setattr(FrozenLM, "generate_ids", forced)
+    (with_seg,) = model.segment(features[:1], prompts[:1], sam_embeddings[:1], (48, 48))
+    (without,) = model.segment(features[1:], prompts[1:], sam_embeddings[1:], (48, 48))
+    with torch.no_grad():
+        embeds, _ = model.vlm.image_embeds(features[:1])
+        lm_batch = model.vlm.llm.build_batch(prompts[:1], embeds.shape[1], [with_seg["text"]])
+        state, found = model.seg_states(model.vlm.llm(lm_batch, embeds))
+        torch.testing.assert_close(with_seg["seg_state"], state[0].float())
+        torch.testing.assert_close(with_seg["prompt"], model.head(state.float())[0])
+    assert found.item() and with_seg["mask"] is not None
+    assert without["seg_state"] is None and without["prompt"] is None and without["mask"] is None

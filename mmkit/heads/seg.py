@@ -430,7 +430,8 @@ class ReadModel(nn.Module):
     ) -> list[dict]:
         """Answer each prompt, then segment: one dict per sample with ``text``, ``mask`` ((H, W) bool, or None
         when the answer holds no ``<SEG>``: "no mask"), the SAM ``points`` / ``labels`` used, and SasP's raw
-        ``similarity`` map (h, w) of the ``<SEG>`` state (None without ``<SEG>``). ``image_sizes``: the photos'
+        ``similarity`` map (h, w) of the ``<SEG>`` state, that ``seg_state`` (d,) and the ``prompt`` (256,) the
+        head made of it (these three None without ``<SEG>``). ``image_sizes``: the photos'
         (width, height) (None: square). ``without_points``: also decode from the ``<SEG>`` prompt alone (SasP's
         points dropped, the same answer and states) into ``mask_without_points``: an ablation of what the points
         add (only SAM's decoder again)."""
@@ -448,6 +449,7 @@ class ReadModel(nn.Module):
             boxes = self.grid_boxes(image_sizes, embeds.shape[0])
         extra, found, coords, labels = self.prompts_for(out, embeds.shape[1], boxes)
         sim = self.similarity(out, embeds.shape[1]) if self._has_grid(embeds.shape[1]) else None
+        seg, _ = self.seg_states(out)  # (B, d): the state the head turned into ``extra``
         logits, _ = decode_masks(self.sam, sam_embeddings, coords, labels, extra=extra)
         masks = upscale_masks(logits, size)[:, 0] > 0
         bare = None
@@ -463,6 +465,8 @@ class ReadModel(nn.Module):
                 "points": None if coords is None or not has else coords[i].cpu(),
                 "labels": None if labels is None or not has else labels[i].cpu(),
                 "similarity": sim[i].cpu() if has and sim is not None else None,
+                "seg_state": seg[i].float().cpu() if has else None,
+                "prompt": extra[i].cpu() if has else None,
             })
             if bare is not None:
                 results[-1]["mask_without_points"] = bare[i].cpu() if has else None

@@ -57,7 +57,6 @@ def diagnose(model_dir: Path, args) -> dict:
     prompt = read_bundle(model_dir)["parts"].get("seg_prompt", SEG_PROMPT)
     source = open_source(DataConfig(source="shapesworld_refer", split=args.split, size=args.size, tasks={}))
     size = int(model.sam.config.prompt_encoder_config.image_size)
-    llm = model.vlm.llm
     pair_ious, alike, hits, objects, no_mask = [], 0, [], [], 0
     states, heads, centres, groups = [], [], [], []
     scenes = 0
@@ -78,11 +77,6 @@ def diagnose(model_dir: Path, args) -> dict:
             side = int(round(tokens.shape[1] ** 0.5))
             emb = tokens.transpose(1, 2).reshape(1, -1, side, side).expand(len(refs), -1, -1, -1)
             out = model.segment(features, texts, emb, (size, size), image_sizes=[image.size] * len(refs))
-            # the <SEG> state after the model's own answer: the one that prompted SAM above
-            embeds = model._grid_embeds(features, None)
-            batch = llm.build_batch(texts, embeds.shape[1], [o["text"] for o in out]).to(llm.device)
-            seg, found = model.seg_states(model._run_llm(batch, embeds))
-            head = model.head(seg.float())
         preds = [None if o["mask"] is None else o["mask"].numpy() for o in out]
         no_mask += sum(p is None for p in preds)
         if all(p is not None for p in preds):  # does the mask change with the expression?
@@ -91,14 +85,14 @@ def diagnose(model_dir: Path, args) -> dict:
             pair_ious += these
             alike += int(min(these) > 0.8)
         scenes += 1
-        for k, (r, pred) in enumerate(zip(refs, preds, strict=True)):
+        for r, pred, o in zip(refs, preds, out, strict=True):
             hits.append(named_object_hit(pred, masks, r.target))
             objects.append(len(masks))
-            if found[k] and masks[r.target].any():
+            if o["seg_state"] is not None and masks[r.target].any():  # the state that prompted SAM above
                 ys, xs = np.nonzero(masks[r.target])
                 centres.append([xs.mean() / size, ys.mean() / size])
-                states.append(seg[k].float().cpu().numpy())
-                heads.append(head[k].cpu().numpy())
+                states.append(o["seg_state"].numpy())
+                heads.append(o["prompt"].numpy())
                 groups.append(i)
     if not scenes:
         raise ValueError(f"no held-out scene of --size {args.size} holds two objects with attribute expressions")
