@@ -254,8 +254,9 @@ def test_grid_must_hold_the_image_tokens():
         model(features, prompts, targets, sam_embeddings, masks)
 
 
-def test_bundle_save_load_gives_identical_masks(tmp_path):
-    model = build(seed=2)
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_bundle_save_load_gives_identical_masks(tmp_path, norm):
+    model = build(seed=2, head_input_norm=norm)  # "batch": the loaded running statistics decide the masks
     features, prompts, targets, sam_embeddings, masks = batch()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     for _ in range(2):  # trained-looking adapters: LoRA B, the new row and the decoder all moved
@@ -319,3 +320,25 @@ def test_segment_reports_the_seg_state_and_the_prompt_it_gave_sam(monkeypatch):
         torch.testing.assert_close(with_seg["prompt"], model.head(state.float())[0])
     assert found.item() and with_seg["mask"] is not None
     assert without["seg_state"] is None and without["prompt"] is None and without["mask"] is None
+
+
+def test_the_head_can_standardise_the_seg_state_per_channel():
+    from mmkit.heads.seg import SegHead, SegHeadConfig
+
+    with pytest.raises(ValueError, match=r"head_input_norm='layer'; accepted: \['batch', 'none'\]"):
+        SegConfig(head_input_norm="layer")
+    assert build(head_input_norm="batch").head.config.input_norm == "batch"
+    assert build().head.config.input_norm == "none"  # LISA's head as published
+    torch.manual_seed(0)
+    head = SegHead(SegHeadConfig(llm_dim=8, prompt_dim=4, input_norm="batch"))
+    states = torch.randn(5, 8)
+    shared = 50 * torch.randn(8)  # what every expression's state has in common
+    torch.testing.assert_close(head(states + shared), head(states), atol=1e-4, rtol=1e-4)  # centred away
+    plain = SegHead(SegHeadConfig(llm_dim=8, prompt_dim=4))
+    assert not torch.allclose(plain(states + shared), plain(states), atol=1e-2)
+    assert head.norm.num_batches_tracked.item() == 2 and head.norm.running_mean.abs().sum() > 0
+    before = head.norm.running_mean.clone()
+    one = head(states[:1])  # a training batch of one: the running statistics, no error, nothing updated
+    torch.testing.assert_close(head.norm.running_mean, before)
+    head.eval()
+    torch.testing.assert_close(one, head(states[:1]))

@@ -88,6 +88,19 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
     # pairing two reports of the same expressions: the difference of a model with itself is exactly zero
     paired = run("eval.py", ["--compare", str(out), str(out)], tmp_path)
     assert "minus" in paired.stdout and ": +0.0 points" in paired.stdout
+    hits = result["grounding_hits"]  # per expression, None where the scene holds fewer than two objects
+    assert len(hits) == result["examples"] and sum(h is not None for h in hits) == ground["expressions"]
+    assert abs(sum(h for h in hits if h is not None) / ground["expressions"] - ground["named_best"]) < 1e-9
+    flipped = dict(result, model="flipped", grounding_hits=[None if h is None else 1.0 - h for h in hits])
+    older = {k: v for k, v in result.items() if k != "grounding_hits"}  # reports before 2026-12-01 lack them
+    (tmp_path / "flipped.json").write_text(json.dumps([flipped]))
+    (tmp_path / "older.json").write_text(json.dumps([older]))
+    run("eval.py", ["--compare", str(out), str(tmp_path / "flipped.json"), str(tmp_path / "older.json"),
+                    "--json", str(tmp_path / "pairs.json")], tmp_path)
+    pairs = json.loads((tmp_path / "pairs.json").read_text())[0]["paired_vs_first"]
+    expected = sum(1.0 - 2 * h for h in hits if h is not None) / ground["expressions"]
+    assert abs(pairs[0]["grounding"]["mean_diff"] - expected) < 1e-9
+    assert pairs[0]["grounding"]["examples"] == ground["expressions"] and "grounding" not in pairs[1]
     # the command line on a picture of its own
     from PIL import Image
 

@@ -54,6 +54,8 @@ class SegConfig(StrictConfig):
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     train_mask_decoder: bool = True
+    head_input_norm: str = "none"  # SegHeadConfig.input_norm: "none" (LISA / READ) or "batch"
+
 
     def __post_init__(self) -> None:
         for name in ("ce_weight", "bce_weight", "dice_weight"):
@@ -71,6 +73,7 @@ class SegConfig(StrictConfig):
             if len(self.grid) != 2 or min(self.grid) < 1:
                 raise ValueError(f"SegConfig.grid must be two positive ints (rows, cols), got {self.grid}")
         self.lora_targets = tuple(self.lora_targets)
+        check_input_norm(self.head_input_norm, "SegConfig.head_input_norm")
 
 
 def saved_seg_config(seg: dict) -> SegConfig:
@@ -84,14 +87,43 @@ def saved_seg_config(seg: dict) -> SegConfig:
     return SegConfig.from_dict(seg)
 
 
+class BatchStandardise(nn.BatchNorm1d):
+    """Each channel of the ``<SEG>`` state centred and scaled by its statistics over the batch (running
+    averages at evaluation): ``BatchNorm1d`` without affine terms. Why it can matter: states of one prompt
+    template differ little from expression to expression (cosine ~0.99 between two expressions of a scene),
+    so a plain Linear sees mostly their shared part; centring per channel removes it. A training batch of
+    one has no spread to measure and uses the running statistics instead of failing."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, d) -> (B, d)
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+        return super().forward(x)
+
+
+HEAD_INPUT_NORMS = {"none": lambda dim: nn.Identity(), "batch": BatchStandardise}
+
+
+def check_input_norm(name: str, field_name: str) -> None:
+    if name not in HEAD_INPUT_NORMS:
+        raise ValueError(f"{field_name}={name!r}; accepted: {sorted(HEAD_INPUT_NORMS)}")
+
+
 @dataclass
 class SegHeadConfig(AdapterConfig):
     llm_dim: int = 576
     prompt_dim: int = 256
+    input_norm: str = "none"  # "none": LISA's head as published; "batch": BatchStandardise first
+
+    def __post_init__(self) -> None:
+        check_input_norm(self.input_norm, "SegHeadConfig.input_norm")
 
 
 class SegHead(Adapter):
-    """LISA's projection of the ``<SEG>`` state to a SAM prompt: Linear(d, d) -> ReLU -> Linear(d, out)."""
+    """LISA's projection of the ``<SEG>`` state to a SAM prompt: Linear(d, d) -> ReLU -> Linear(d, out),
+    optionally after a per-channel standardisation of the state (``input_norm="batch"``; LISA has none)."""
 
     kind = "seg_head"
     family = "head"
@@ -100,10 +132,11 @@ class SegHead(Adapter):
     def __init__(self, config: SegHeadConfig) -> None:
         super().__init__(config)
         d = config.llm_dim
+        self.norm = HEAD_INPUT_NORMS[config.input_norm](d)
         self.net = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, config.prompt_dim))
 
     def forward(self, state: Tensor) -> Tensor:  # (B, d) -> (B, prompt_dim)
-        return self.net(state)
+        return self.net(self.norm(state))
 
 
 @dataclass
@@ -207,7 +240,8 @@ class ReadModel(nn.Module):
         if layer is not None and depth is not None and not -(depth + 1) <= layer <= depth:
             raise ValueError(f"SasPConfig.layer={layer}, but the LLM has {depth} decoder layers (0: the input "
                              f"embeddings, {depth}: the last; None: the last after the final norm)")
-        self.head = SegHead(SegHeadConfig(llm_dim=llm.hidden_size, prompt_dim=config.prompt_dim))
+        self.head = SegHead(SegHeadConfig(llm_dim=llm.hidden_size, prompt_dim=config.prompt_dim,
+                                          input_norm=config.head_input_norm))
         for p in sam.parameters():
             p.requires_grad_(False)
         if config.train_mask_decoder:

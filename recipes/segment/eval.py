@@ -108,6 +108,7 @@ def evaluate(model_dir: Path, args) -> dict:
                                     "paired": paired_difference(without.pop("ious"), ious)}
     result["examples_sha"] = examples  # the expressions scored, so reports can be paired later
     result["ious"] = ious  # per expression, in order
+    result["grounding_hits"] = hits  # per expression: 1 / 0 named object best, None: fewer than two objects
     return result
 
 
@@ -122,8 +123,13 @@ def paired_lines(results: list[dict]) -> list[dict]:
         if reason:
             raise ValueError(f"{r['model']} vs {base['model']}: {reason} (pair reports of the same --source, "
                              "--split, --size and --refs-per-image)")
-        out.append({"baseline": base["model"], "model": r["model"],
-                    "gIoU": paired_difference(base["ious"], r["ious"])})
+        pair = {"baseline": base["model"], "model": r["model"], "gIoU": paired_difference(base["ious"], r["ious"])}
+        if base.get("grounding_hits") is not None and r.get("grounding_hits") is not None:  # reports since 2026-12-01
+            both = [(a, b) for a, b in zip(base["grounding_hits"], r["grounding_hits"], strict=True)
+                    if a is not None and b is not None]
+            if len(both) >= 2:
+                pair["grounding"] = paired_difference([a for a, _ in both], [b for _, b in both])
+        out.append(pair)
     return out
 
 
@@ -189,6 +195,9 @@ def main(argv=None) -> list[dict]:
         pairs = paired_lines(results)
         for pair in pairs:
             print(format_paired(f"gIoU, {pair['model']} minus {pair['baseline']}", pair["gIoU"]))
+            if "grounding" in pair:
+                print(format_paired(f"named object best, {pair['model']} minus {pair['baseline']}",
+                                    pair["grounding"]))
         results[0]["paired_vs_first"] = pairs
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
