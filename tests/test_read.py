@@ -48,6 +48,13 @@ def test_the_state_that_predicts_seg_prompts_sam():
         torch.testing.assert_close(states[b], out.hidden_states[b, pos - 1])  # the state *predicting* <SEG>
         image = out.hidden_states[b][lm_batch.image_mask[b]]
         torch.testing.assert_close(model.image_states(out, GRID * GRID)[b], image)
+    with torch.no_grad():  # the probes' entry point: the same states, from the last layer and a kept one
+        (last, first), found2 = model.teacher_forced_seg_states(features, prompts, targets, layers=(None, 1))
+        kept = llm(lm_batch, embeds, keep_layers=(1,))
+    torch.testing.assert_close(last, states.detach())
+    torch.testing.assert_close(found2, found)
+    torch.testing.assert_close(first, model.seg_states(kept, 1)[0])
+    assert not torch.allclose(first, last)
 
 
 def test_forward_gives_losses_and_only_adapters_train():

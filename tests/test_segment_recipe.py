@@ -50,6 +50,7 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
     assert [r["step"] for r in log] == [1, 2, 3] and all("dice_loss" in r and "ce_loss" in r for r in log)
     bundle = json.loads((tmp_path / "run" / "final" / "bundle.json").read_text())
     assert bundle["kind"] == "read" and bundle["parts"]["seg_prompt"] == "<image> what is {expression} ?"
+    assert bundle["parts"]["seg_answer"] == "the <SEG> ."  # what probe_head.py teacher-forces
     assert Path(bundle["parts"]["sam"]["name"]).is_absolute()  # the bundle loads from any working directory
     out = tmp_path / "eval.json"
     done = run("eval.py", ["--models", str(tmp_path / "run" / "final"), "--size", "3", "--option", "render_size=30",
@@ -85,6 +86,21 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
         assert 0.0 <= d["mask_iou_between_expressions"] <= 1.0
     assert d["location_probe_r2_xy"] is None  # two expressions are too few to probe
     assert "named object best" in done.stdout
+    # fresh heads on the frozen <SEG> states: every variant trains from the same start and is scored
+    probe = tmp_path / "probe.json"
+    done = run("probe_head.py", ["--model", str(tmp_path / "run" / "final"), "--train-size", "3", "--size", "3",
+                                 "--steps", "3", "--batch-size", "2", "--seeds", "0", "1", "--layers", "last", "1", "--option", "render_size=30", "--feature-cache",
+                                 str(tmp_path / "f"), "--json", str(probe)], tmp_path)
+    p = json.loads(probe.read_text())
+    assert set(p["variants"]) == {f"layer {k}, input norm {n}" for k in ("last", "1") for n in ("none", "batch")}
+    assert p["test_expressions"] == result["examples"]
+    for v in p["variants"].values():
+        assert [r["seed"] for r in v["runs"]] == [0, 1]
+        for r in v["runs"]:
+            assert 0.0 <= r["gIoU"] <= 1.0 and r["grounding"]["expressions"] == ground["expressions"]
+            assert len(r["grounding_hits"]) == p["test_expressions"] and len(r["losses"]) == 2
+        assert abs(v["gIoU_mean"] - sum(r["gIoU"] for r in v["runs"]) / 2) < 1e-9
+    assert "layer 1, input norm batch, seed 1: named object best" in done.stdout
     # pairing two reports of the same expressions: the difference of a model with itself is exactly zero
     paired = run("eval.py", ["--compare", str(out), str(out)], tmp_path)
     assert "minus" in paired.stdout and ": +0.0 points" in paired.stdout

@@ -357,6 +357,20 @@ class ReadModel(nn.Module):
                              f"{self.vlm.connector.kind!r} gives ragged token counts")
         return embeds
 
+    def teacher_forced_seg_states(self, features: Tensor, prompts: Sequence[str], targets: Sequence[str], *,
+                                  feature_mask: Tensor | None = None, layers: Sequence[int | None] = (None,)
+                                  ) -> tuple[list[Tensor], Tensor]:
+        """The state predicting each ``targets`` answer's first ``<SEG>`` when the LLM reads ``prompts`` +
+        ``targets``, as in training, at each of ``layers`` (None: the last, after the final norm, as the head
+        reads it; k: after decoder layer k, as ``SasPConfig.layer``), from one LLM pass: a list of (B, d), and
+        (B,) bool whether the answer holds one. For probes."""
+        embeds = self._grid_embeds(features, feature_mask)
+        llm = self.vlm.llm
+        keep = tuple(k for k in layers if k is not None)
+        out = self.vlm.llm(llm.build_batch(prompts, embeds.shape[1], targets).to(llm.device), embeds, keep_layers=keep)
+        found = self.seg_states(out)[1]
+        return [self.seg_states(out, k)[0] for k in layers], found
+
     # ------------------------------------------------------------------ training
     def forward(
         self,
@@ -393,10 +407,11 @@ class ReadModel(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory, *, llm_name: str, sam_name: str, encoder: dict | None = None,
-                        seg_prompt: str | None = None, metadata: dict | None = None):
+                        seg_prompt: str | None = None, seg_answer: str | None = None, metadata: dict | None = None):
         """A bundle: the connector, the LLM's rows + LoRA, the head and SAM's mask decoder as adapter folders;
         the encoder, the LLM (``llm_name``) and SAM (``sam_name``, whose image encoder stays frozen) named, and
-        the prompt template it was trained with (``seg_prompt``, with ``{expression}``)."""
+        the prompt template and answer it was trained with (``seg_prompt`` with ``{expression}``, ``seg_answer``
+        with ``<SEG>``)."""
         from ..models.bundle import write_bundle
 
         vlm = self.vlm
@@ -408,6 +423,8 @@ class ReadModel(nn.Module):
         }
         if seg_prompt is not None:
             parts["seg_prompt"] = seg_prompt
+        if seg_answer is not None:
+            parts["seg_answer"] = seg_answer
         if encoder is not None:
             parts["encoder"] = encoder
         elif vlm.encoder is not None and hasattr(vlm.encoder, "spec"):

@@ -216,6 +216,7 @@ class SegTask(TrainingTask):
     def _save(self, folder: Path) -> None:
         self.model.save_pretrained(folder, llm_name=self.cfg.model.llm, sam_name=resolve_sam(self.cfg.model.sam),
                                    encoder=self.encoder_meta, seg_prompt=self.cfg.model.seg_prompt,
+                                   seg_answer=self.cfg.model.seg_answer,
                                    metadata={"training": {"command": self.loop.command, "data": self.source.signature(),
                                                           "steps": self.cfg.train.max_train_steps}})
 
