@@ -152,6 +152,7 @@ def atomic_write_folder(directory: str | os.PathLike, write: typing.Callable[[Pa
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp makes it private (0700); a plain mkdir would not
         write(tmp)
         if directory.is_dir() and any(directory.iterdir()):  # another process finished first
             shutil.rmtree(tmp)
@@ -168,11 +169,19 @@ def atomic_write_folder(directory: str | os.PathLike, write: typing.Callable[[Pa
     return directory
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` less the process umask: the permissions ``open`` / ``mkdir`` would give a new file or folder."""
+    mask = os.umask(0o022)  # the only portable way to read it; restored at once
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, umask_mode(0o666))  # mkstemp makes it private (0600); a plain open would not
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

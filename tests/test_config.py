@@ -82,3 +82,26 @@ def test_atomic_write_folder_keeps_a_finished_copy_and_fills_an_empty_folder(tmp
     atomic_write_folder(tmp_path / "empty", write("three"))
     assert (tmp_path / "empty" / "a.txt").read_text() == "three"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]  # no temporary sibling left
+
+
+def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
+    import os
+    import stat
+
+    from mmkit.config import atomic_write_folder, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "report.json", "{}")
+        folder = atomic_write_folder(tmp_path / "model", lambda d: (d / "w.txt").write_text("x"))
+        from mmkit.training.checkpoint import save_checkpoint
+
+        save_checkpoint(tmp_path / "run", 3, write_adapter=lambda d: None)
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        (tmp_path / "plain_dir").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "report.json") == mode(plain) == 0o640  # not mkstemp's private 0600
+    assert mode(folder) == mode(tmp_path / "plain_dir") == mode(tmp_path / "run" / "step-000003") == 0o750

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import umask_mode
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -42,6 +44,7 @@ def save_checkpoint(
     final = output_dir / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".step-{step:06d}."))
     try:
+        os.chmod(tmp, umask_mode(0o777))  # as a plain mkdir would make it (mkdtemp's is private)
         extra = write_adapter(tmp)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
