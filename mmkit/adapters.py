@@ -213,10 +213,15 @@ def load_adapter_weights(adapter: Adapter, directory: str | os.PathLike) -> dict
     return metadata
 
 
+# Normalisation statistics stay as saved: a standardisation's mean is often far larger than the spread it
+# divides by, and fp16 / bf16 rounding of it would move every output.
+KEEP_PRECISION = ("running_mean", "running_var")
+
+
 def cast_saved(source: str | os.PathLike, destination: str | os.PathLike,
                dtype: torch.dtype = torch.float16) -> list[Path]:
     """Copy an adapter folder, or a bundle of them, to ``destination`` with every floating tensor of its weight
-    files cast to ``dtype`` (fp16 / bf16 halves a checkpoint for shipping; loading copies the values back into
+    files but normalisation statistics (:data:`KEEP_PRECISION`) cast to ``dtype`` (fp16 / bf16 halves a checkpoint for shipping; loading copies the values back into
     the module's own dtype). Other files are copied unchanged. Returns the weight files written.
 
     Refuses a ``destination`` that exists and is not empty, a ``source`` without any adapter weights, and a
@@ -239,7 +244,8 @@ def cast_saved(source: str | os.PathLike, destination: str | os.PathLike,
     cast = {}  # relative path -> the new file's bytes; all computed before anything is written
     for path in weights:
         state = read_safetensors(path)
-        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        out = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(KEEP_PRECISION) else v
+               for k, v in state.items()}
         for key, value in out.items():
             if value.is_floating_point() and not torch.isfinite(value).all() and torch.isfinite(state[key]).all():
                 raise ValueError(f"{path}: tensor {key!r} overflows {dtype} (largest magnitude "

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import os
+import stat
 import tempfile
 import types
 import typing
@@ -170,19 +171,28 @@ def atomic_write_folder(directory: str | os.PathLike, write: typing.Callable[[Pa
 
 
 def umask_mode(mode: int) -> int:
-    """``mode`` less the process umask: the permissions ``open`` / ``mkdir`` would give a new file or folder."""
-    mask = os.umask(0o022)  # the only portable way to read it; restored at once
-    os.umask(mask)
+    """``mode`` less the process umask: the permissions ``open`` / ``mkdir`` would give a new file or folder.
+    Read from ``/proc/self/status`` where there is one, so the process-wide umask is never touched."""
+    try:
+        with open("/proc/self/status") as fh:
+            mask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o077)  # elsewhere the only portable way to read it, restored at once
+        os.umask(mask)
     return mode & ~mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # a plain open keeps an existing file's permissions and gives a new one the umask's
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = umask_mode(0o666)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, umask_mode(0o666))  # mkstemp makes it private (0600); a plain open would not
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)  # mkstemp's file is private (0600)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -105,3 +105,6 @@ def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "report.json") == mode(plain) == 0o640  # not mkstemp's private 0600
     assert mode(folder) == mode(tmp_path / "plain_dir") == mode(tmp_path / "run" / "step-000003") == 0o750
+    os.chmod(tmp_path / "report.json", 0o604)
+    atomic_write_text(tmp_path / "report.json", "{\"again\": 1}")  # rewriting keeps the file's own permissions
+    assert mode(tmp_path / "report.json") == 0o604 and os.umask(old) == old  # and the umask is as it was

@@ -174,10 +174,12 @@ def test_bundles_saved_before_grid_view_keep_the_whole_frame_placement(tmp_path)
     assert bundle["parts"]["seg"]["sasp"]["grid_view"] == "encoder"
     del bundle["parts"]["seg"]["sasp"]["grid_view"]  # as written before the field existed
     del bundle["parts"]["seg"]["dice_smooth"]
+    del bundle["parts"]["seg"]["head_input_norm"]
     path.write_text(json.dumps(bundle))
     old = ReadModel.from_pretrained(tmp_path / "read", llm=FrozenLM(tiny_llama(5), tiny_tokenizer()),
                                     sam=tiny_sam(5), load_encoder=False)
     assert old.config.sasp.grid_view == "image"
+    assert old.config.head_input_norm == "none" and old.head.config.input_norm == "none"
     assert old.config.dice_smooth == 1.0  # nor dice_smooth (saved here): smoothing 1, as those runs trained
 
 
@@ -329,13 +331,17 @@ def test_segment_reports_the_seg_state_and_the_prompt_it_gave_sam(monkeypatch):
     assert without["seg_state"] is None and without["prompt"] is None and without["mask"] is None
 
 
-def test_the_head_can_standardise_the_seg_state_per_channel():
+def test_the_head_can_standardise_the_seg_state_per_channel(tmp_path):
     from mmkit.heads.seg import SegHead, SegHeadConfig
 
     with pytest.raises(ValueError, match=r"head_input_norm='layer'; accepted: \['batch', 'none'\]"):
         SegConfig(head_input_norm="layer")
     assert build(head_input_norm="batch").head.config.input_norm == "batch"
     assert build().head.config.input_norm == "none"  # LISA's head as published
+    from mmkit.training.seg import SegRecipeConfig
+
+    with pytest.raises(ValueError, match="train.batch_size=1 has no spread to measure"):
+        SegRecipeConfig.from_dict({"model": {"seg": {"head_input_norm": "batch"}}, "train": {"batch_size": 1}})
     torch.manual_seed(0)
     head = SegHead(SegHeadConfig(llm_dim=8, prompt_dim=4, input_norm="batch"))
     states = torch.randn(5, 8)
@@ -347,5 +353,26 @@ def test_the_head_can_standardise_the_seg_state_per_channel():
     before = head.norm.running_mean.clone()
     one = head(states[:1])  # a training batch of one: the running statistics, no error, nothing updated
     torch.testing.assert_close(head.norm.running_mean, before)
+    assert head.norm.num_batches_tracked.item() == 2
     head.eval()
     torch.testing.assert_close(one, head(states[:1]))
+    head.train()
+    from safetensors.torch import load_file
+
+    from mmkit.adapters import WEIGHTS_NAME, cast_saved
+
+    head.save_adapter(tmp_path / "head")
+    (half,) = cast_saved(tmp_path / "head", tmp_path / "head16")
+    assert half == tmp_path / "head16" / WEIGHTS_NAME
+    saved = load_file(half)
+    assert saved["net.0.weight"].dtype == torch.float16  # shipped at half size, but not the statistics
+    assert saved["norm.running_mean"].dtype == saved["norm.running_var"].dtype == torch.float32
+    junk = torch.cat([states, 1e3 * torch.ones(1, 8)])  # a row without <SEG> (its state is position 0's)
+    keep = torch.tensor([True] * 5 + [False])
+    torch.testing.assert_close(head(junk, keep)[:5], head(states), atol=1e-5, rtol=1e-5)  # shapes no statistics
+    reference = torch.nn.BatchNorm1d(8, affine=False)  # the running statistics follow BatchNorm's
+    fresh = SegHead(SegHeadConfig(llm_dim=8, prompt_dim=4, input_norm="batch"))
+    for _ in range(3):
+        reference(states), fresh(states)
+    torch.testing.assert_close(fresh.norm.running_mean, reference.running_mean)
+    torch.testing.assert_close(fresh.norm.running_var, reference.running_var)

@@ -86,7 +86,7 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
         assert 0.0 <= d["mask_iou_between_expressions"] <= 1.0
     assert d["location_probe_r2_xy"] is None  # two expressions are too few to probe
     assert "named object best" in done.stdout
-    # fresh heads on the frozen <SEG> states: every variant trains from the same start and is scored
+    # fresh heads on the frozen <SEG> states: every layer x input norm x seed is trained and scored
     probe = tmp_path / "probe.json"
     done = run("probe_head.py", ["--model", str(tmp_path / "run" / "final"), "--train-size", "3", "--size", "3",
                                  "--steps", "3", "--batch-size", "2", "--seeds", "0", "1", "--layers", "last", "1", "--option", "render_size=30", "--feature-cache",
@@ -101,6 +101,10 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
             assert len(r["grounding_hits"]) == p["test_expressions"] and len(r["losses"]) == 2
         assert abs(v["gIoU_mean"] - sum(r["gIoU"] for r in v["runs"]) / 2) < 1e-9
     assert "layer 1, input norm batch, seed 1: named object best" in done.stdout
+    assert p["settings"]["answer"] == "the <SEG> ." and p["examples_sha"] == result["examples_sha"]
+    refused = subprocess.run([sys.executable, str(ROOT / "recipes" / "segment" / "probe_head.py"), "--model",
+                              str(tmp_path / "run" / "final"), "--split", "train"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "not the one they train on" in refused.stderr
     # pairing two reports of the same expressions: the difference of a model with itself is exactly zero
     paired = run("eval.py", ["--compare", str(out), str(out)], tmp_path)
     assert "minus" in paired.stdout and ": +0.0 points" in paired.stdout

@@ -56,7 +56,6 @@ class SegConfig(StrictConfig):
     train_mask_decoder: bool = True
     head_input_norm: str = "none"  # SegHeadConfig.input_norm: "none" (LISA / READ) or "batch"
 
-
     def __post_init__(self) -> None:
         for name in ("ce_weight", "bce_weight", "dice_weight"):
             if getattr(self, name) < 0:
@@ -84,26 +83,53 @@ def saved_seg_config(seg: dict) -> SegConfig:
         # saved before SasPConfig.grid_view existed: trained with the grid over the whole frame; keep it so
         seg["sasp"] = {**seg["sasp"], "grid_view": "image"}
     seg.setdefault("dice_smooth", 1.0)  # saved before the field existed: trained with smoothing 1
+    seg.setdefault("head_input_norm", "none")  # saved before the field existed: LISA's head
     return SegConfig.from_dict(seg)
 
 
-class BatchStandardise(nn.BatchNorm1d):
-    """Each channel of the ``<SEG>`` state centred and scaled by its statistics over the batch (running
-    averages at evaluation): ``BatchNorm1d`` without affine terms. Why it can matter: states of one prompt
-    template differ little from expression to expression (cosine ~0.99 between two expressions of a scene),
-    so a plain Linear sees mostly their shared part; centring per channel removes it. A training batch of
-    one has no spread to measure and uses the running statistics instead of failing."""
+class BatchStandardise(nn.Module):
+    """Each channel of the ``<SEG>`` state centred and scaled by its statistics over the batch's rows that hold
+    a ``<SEG>`` (``keep``), running averages (momentum 0.1) at evaluation: ``BatchNorm1d`` without affine terms,
+    with the same buffer names. Why it can matter: states of one prompt template differ little from expression
+    to expression (cosine ~0.99 between two expressions of a scene), so a plain Linear sees mostly their shared
+    part; centring per channel removes it. A batch with fewer than two kept rows uses the running statistics
+    and leaves them as they were (no host read decides it). Statistics are per process: under DDP, ``torch``
+    broadcasts rank 0's buffers with the model."""
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim, affine=False)
+    def __init__(self, dim: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, d) -> (B, d)
-        if self.training and x.shape[0] == 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
-        return super().forward(x)
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:  # (B, d), (B,) bool -> (B, d)
+        if not self.training:
+            return (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+        w = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device) if keep is None else keep.to(x.dtype)[:, None]
+        n = w.sum()
+        mean = (x * w).sum(0) / n.clamp_min(1.0)  # (d,)
+        var = ((x - mean).square() * w).sum(0) / n.clamp_min(1.0)  # biased, as BatchNorm normalises
+        enough = n >= 2
+        with torch.no_grad():
+            unbiased = var * n / (n - 1).clamp_min(1.0)  # as BatchNorm's running variance
+            m = self.momentum
+            self.running_mean.copy_(torch.where(enough, (1 - m) * self.running_mean + m * mean, self.running_mean))
+            self.running_var.copy_(torch.where(enough, (1 - m) * self.running_var + m * unbiased, self.running_var))
+            self.num_batches_tracked.add_(enough.long())
+        mean = torch.where(enough, mean, self.running_mean)
+        var = torch.where(enough, var, self.running_var)
+        return (x - mean) / torch.sqrt(var + self.eps)
 
 
-HEAD_INPUT_NORMS = {"none": lambda dim: nn.Identity(), "batch": BatchStandardise}
+class NoInputNorm(nn.Module):
+    """LISA's head reads the state as it is."""
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        return x
+
+
+HEAD_INPUT_NORMS = {"none": lambda dim: NoInputNorm(), "batch": BatchStandardise}
 
 
 def check_input_norm(name: str, field_name: str) -> None:
@@ -135,8 +161,9 @@ class SegHead(Adapter):
         self.norm = HEAD_INPUT_NORMS[config.input_norm](d)
         self.net = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, config.prompt_dim))
 
-    def forward(self, state: Tensor) -> Tensor:  # (B, d) -> (B, prompt_dim)
-        return self.net(self.norm(state))
+    def forward(self, state: Tensor, keep: Tensor | None = None) -> Tensor:  # (B, d), (B,) bool -> (B, prompt_dim)
+        """``keep``: the rows whose state is real (a ``<SEG>`` was found); only they shape batch statistics."""
+        return self.net(self.norm(state, keep))
 
 
 @dataclass
@@ -332,7 +359,7 @@ class ReadModel(nn.Module):
         (B, 4) where the token grid lies in SAM's frame (:func:`view_boxes`); None: from ``vlm.encoder`` for
         square photos (``grid_view='encoder'``)."""
         seg, found = self.seg_states(out)
-        extra = self.head(seg.float())
+        extra = self.head(seg.float(), found)
         coords = labels = None
         if self.config.sasp is not None:
             layer = self.sasp_layer
@@ -362,12 +389,13 @@ class ReadModel(nn.Module):
                                   ) -> tuple[list[Tensor], Tensor]:
         """The state predicting each ``targets`` answer's first ``<SEG>`` when the LLM reads ``prompts`` +
         ``targets``, as in training, at each of ``layers`` (None: the last, after the final norm, as the head
-        reads it; k: after decoder layer k, as ``SasPConfig.layer``), from one LLM pass: a list of (B, d), and
-        (B,) bool whether the answer holds one. For probes."""
+        reads it; k: transformers' ``hidden_states[k]``, the output of decoder layer k, as ``SasPConfig.layer``;
+        k = the depth is the last after the final norm again), from one LLM pass: a list of (B, d), and (B,)
+        bool whether the answer holds one. For probes: call it in eval mode (LoRA dropout is active otherwise)."""
         embeds = self._grid_embeds(features, feature_mask)
         llm = self.vlm.llm
         keep = tuple(k for k in layers if k is not None)
-        out = self.vlm.llm(llm.build_batch(prompts, embeds.shape[1], targets).to(llm.device), embeds, keep_layers=keep)
+        out = llm(llm.build_batch(prompts, embeds.shape[1], targets).to(llm.device), embeds, keep_layers=keep)
         found = self.seg_states(out)[1]
         return [self.seg_states(out, k)[0] for k in layers], found
 

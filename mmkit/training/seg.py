@@ -66,6 +66,13 @@ class SegRecipeConfig(StrictConfig):
     data: DataConfig = field(default_factory=lambda: DataConfig(source="shapesworld_refer", size=4000, tasks={}))
     train: SegTrainConfig = field(default_factory=SegTrainConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.seg.head_input_norm == "batch" and self.train.batch_size < 2:
+            raise ValueError(f"model.seg.head_input_norm='batch' standardises over each process's batch, and "
+                             f"train.batch_size={self.train.batch_size} has no spread to measure (its statistics would "
+                             "never move); use train.batch_size >= 2 (with fewer gradient_accumulation_steps) or "
+                             "head_input_norm='none'")
+
 
 class SamEmbedder:
     """SAM's frozen image encoder behind the feature-cache interface: images -> (B, s * s, C) tokens."""

@@ -4,13 +4,13 @@ A READ / ``<SEG>``-only model that gives the same mask for every expression of a
 either states that do not carry the expression, or a head and mask decoder that do not read it. This probe
 separates the two: it keeps the model's LLM (with its LoRA and ``<SEG>`` row) frozen, takes the state that
 predicts ``<SEG>`` for each training expression (the prompt and answer the model trained with), and trains
-*fresh* heads (LISA's MLP, with each ``--input-norm``) together with a fresh copy of the SAM checkpoint's own
-mask decoder, on 2.0 BCE + 0.5 Dice, with the same seed, batches and steps for every variant. On held-out
-scenes it reports how often the mask overlaps the named object best (scenes of two objects or more, next to
-one object at random) and gIoU. States and SAM embeddings are computed once; each variant then trains in
-seconds to minutes on a CPU.
+*fresh* heads (LISA's MLP, with each ``--input-norm``, on the states of each of ``--layers``) together with a
+fresh copy of the SAM checkpoint's own mask decoder, on the model's mask loss (2.0 BCE + 0.5 Dice by default),
+per seed with the same head start, batches and steps for every variant. On held-out scenes it reports how
+often the mask overlaps the named object best (scenes of two objects or more, next to one object at random)
+and gIoU. States and SAM embeddings are computed once; each variant then trains in a minute or two on a CPU.
 
-    python recipes/segment/probe_head.py --model outputs/segment-seg-only-s0/final --input-norm none batch \\
+    python recipes/segment/probe_head.py --model outputs/segment-seg-only-base/final --input-norm none batch \\
         --train-size 600 --size 150 --steps 400 --json outputs/eval/probe-head.json
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -58,10 +59,10 @@ def split_data(source, refs, size: int):
     return torch.stack(truths).float(), scenes
 
 
-def train_probe(head, decoder_sam, states, embeddings, truths, *, steps: int, batch_size: int, lr: float,
-                seed: int, dice_smooth: float, desc: str = "probe") -> list[float]:
-    """Train ``head`` and ``decoder_sam.mask_decoder`` on (states, SAM embeddings) -> truth masks; returns the
-    loss every 50 steps."""
+def train_probe(head, decoder_sam, states, embeddings, truths, seg_config, *, steps: int, batch_size: int,
+                lr: float, seed: int, desc: str = "probe") -> list[float]:
+    """Train ``head`` and ``decoder_sam.mask_decoder`` on (states, SAM embeddings) -> truth masks with the
+    model's mask loss (``seg_config``'s BCE and Dice weights and smoothing); returns the loss every 50 steps."""
     from tqdm.auto import tqdm
 
     from mmkit.heads.sam_prompt import decode_masks, upscale_masks
@@ -80,7 +81,8 @@ def train_probe(head, decoder_sam, states, embeddings, truths, *, steps: int, ba
         logits = upscale_masks(logits, tuple(truths.shape[-2:]))[:, 0]
         target = truths[idx]
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1).mean()
-        loss = 2.0 * bce + 0.5 * dice_loss(logits, target, dice_smooth).mean()
+        dice = dice_loss(logits, target, seg_config.dice_smooth).mean()
+        loss = seg_config.bce_weight * bce + seg_config.dice_weight * dice
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -117,24 +119,34 @@ def probe(args) -> dict:
     layers = [None if k == "last" else int(k) for k in args.layers]
     parts = read_bundle(args.model)["parts"]
     model = ReadModel.from_pretrained(args.model).eval()
-    prompt, answer = parts.get("seg_prompt", SEG_PROMPT), parts.get("seg_answer", SEG_ANSWER)
+    prompt = parts.get("seg_prompt", SEG_PROMPT)
+    answer = args.answer or parts.get("seg_answer")
+    if answer is None:
+        answer = SEG_ANSWER
+        print(f"warning: {args.model} does not say which answer it trained with (saved before 2026-12-01); "
+              f"teacher-forcing the recipe's default {answer!r} (--answer sets another)", file=sys.stderr)
     size = int(model.sam.config.prompt_encoder_config.image_size)
     options = dict(kv.split("=", 1) for kv in args.option)
     options = {k: int(v) if v.isdigit() else v for k, v in options.items()}
     data = {}
-    for split, n in (("train", args.train_size), (args.split, args.size)):
+    for role, split, n in (("fit", "train", args.train_size), ("held_out", args.split, args.size)):
         source = open_source(DataConfig(source="shapesworld_refer", split=split, size=n, options=options, tasks={}))
         refs = source.segmentation_examples(args.refs_per_image, seed=0)
         features = source_features(source, model.vlm.encoder, parts["encoder"], args.feature_cache)
         emb = sam_embeddings(source, model.sam, parts["sam"]["name"], args.feature_cache)
         truths, scenes = split_data(source, refs, size)
-        data[split] = (seg_states(model, features, refs, prompt, answer, args.batch_size, layers),
+        data[role] = (seg_states(model, features, refs, prompt, answer, args.batch_size, layers),
                        emb[torch.tensor([r.index for r in refs])], truths, scenes, refs)
-    train_layers, train_emb, train_truths, _, _ = data["train"]
-    test_layers, test_emb, test_truths, test_scenes, test_refs = data[args.split]
+    train_layers, train_emb, train_truths, _, _ = data["fit"]
+    test_layers, test_emb, test_truths, test_scenes, test_refs = data["held_out"]
     fresh = load_sam(parts["sam"]["name"])  # the checkpoint's own decoder, not the model's trained one
+    examples = hashlib.sha256("\n".join(f"{r.index}\t{r.expression}" for r in test_refs).encode()).hexdigest()[:16]
     result = {"model": str(args.model), "train_expressions": len(train_truths), "test_expressions": len(test_truths),
-              "steps": args.steps, "seeds": args.seeds, "variants": {}}
+              "settings": {"train_size": args.train_size, "split": args.split, "size": args.size,
+                           "refs_per_image": args.refs_per_image, "steps": args.steps, "batch_size": args.batch_size,
+                           "lr": args.lr, "seeds": args.seeds, "layers": args.layers, "options": options,
+                           "prompt": prompt, "answer": answer},
+              "examples_sha": examples, "variants": {}}
     for layer, train_states, test_states in zip(args.layers, train_layers, test_layers, strict=True):
         for norm in args.input_norm:
             runs = []
@@ -143,9 +155,8 @@ def probe(args) -> dict:
                 head = SegHead(SegHeadConfig(llm_dim=train_states.shape[1], prompt_dim=model.config.prompt_dim,
                                              input_norm=norm))
                 sam = copy.deepcopy(fresh)
-                losses = train_probe(head, sam, train_states, train_emb, train_truths, steps=args.steps,
-                                     batch_size=args.batch_size, lr=args.lr, seed=seed,
-                                     dice_smooth=model.config.dice_smooth,
+                losses = train_probe(head, sam, train_states, train_emb, train_truths, model.config,
+                                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
                                      desc=f"probe (layer {layer}, input norm {norm}, seed {seed})")
                 runs.append({"seed": seed, "losses": losses, **score(head, sam, test_states, test_emb, test_truths,
                                                                      test_scenes, test_refs, args.batch_size)})
@@ -172,6 +183,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=150, help="held-out scenes")
     parser.add_argument("--refs-per-image", type=int, default=2)
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="data.options entries")
+    parser.add_argument("--answer", default=None, help="the answer to teacher-force (default: the one the bundle "
+                                                       "trained with)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -180,6 +193,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.split == "train":
+        parser.error("--split is where the probes are scored: a held-out split (test or val), not the one they train on")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = probe(args)
