@@ -6,7 +6,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_CONNECTOR = ASSETS / "connectors" / "shapes-vlap"  # VLAP connector, EfficientNet-Lite0 -> SmolLM2-135M
-DEFAULT_VIDEO_MODEL = ASSETS / "connectors" / "shapes-video-qa"  # Q-Former (best seed-0 variant) on ShapesWorld clips
+DEFAULT_VIDEO_MODEL = ASSETS / "connectors" / "shapes-video-qa"  # Q-Former (best measured variant) on ShapesWorld clips
 DEFAULT_SEG_MODEL = ASSETS / "segment" / "shapes-read"  # READ on ShapesWorld referring expressions
 DEFAULT_T2I_MODEL = ASSETS / "t2i" / "shapes"  # ShapesWorld pixel-space text-to-image pipeline
 

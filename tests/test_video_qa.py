@@ -85,24 +85,29 @@ def test_tiny_video_qa_recipe_trains_resumes_and_evaluates(tiny_parts, tmp_path)
 def test_the_shipped_video_model_answers_held_out_clips(tmp_path):
     """The default model of ``mmkit video-qa`` (assets/connectors/shapes-video-qa, fp16) with the real frozen
     parts (EfficientNet-Lite0, Whisper tiny.en converted from CTranslate2, SmolLM2-135M, all from the carriers):
-    "which shape appeared first?" on held-out clips of the kind it was trained on (``lifetime=None``), scored
-    against the clips' own answers as eval.py does (89% on 200 clips; chance is about 40%), then once through the
-    command line on a clip written to a file."""
+    "which shape appeared first / last?" and "which shape appeared when the high tone sounded?" on 12 held-out
+    clips, scored against the clips' own answers as eval.py does (on 200 clips: first 97.5%, last 92.0%, AV
+    80.5%; naming one of a clip's 2-3 shapes at random answers each of them 33-50% of the time),
+    then once through the command line on a clip written to a file."""
     from mmkit.assets import DEFAULT_VIDEO_MODEL
     from mmkit.data.sources import DataConfig, open_source
     from mmkit.models import VisionLanguageModel
 
-    source = open_source(DataConfig(source="shapesworld_clips", split="test", size=8, options={"lifetime": None}))
-    asked = [(i, q) for i in range(len(source)) for q in source.questions(i, 5) if q.kind == "first"]
+    source = open_source(DataConfig(source="shapesworld_clips", split="test", size=12))
+    asked = [(i, q) for i in range(len(source)) for q in source.questions(i, 5) if q.kind in ("first", "last", "av")]
     model = VisionLanguageModel.from_pretrained(DEFAULT_VIDEO_MODEL)
     answers = model.answer([q.question for _, q in asked], images=[source.image(i) for i, _ in asked])
-    right = sum(a.strip() == q.answers[0] for a, (_, q) in zip(answers, asked, strict=True))
-    assert len(asked) >= 6 and right >= 0.6 * len(asked), list(zip(answers, [q.answers[0] for _, q in asked]))
+    right = {kind: [a.strip() == q.answers[0] for a, (_, q) in zip(answers, asked, strict=True) if q.kind == kind]
+             for kind in ("first", "last", "av")}
+    assert len(right["first"]) + len(right["last"]) >= 20, right
+    order = right["first"] + right["last"]
+    assert sum(order) >= 0.8 * len(order), list(zip(answers, [q.answers[0] for _, q in asked]))
+    assert sum(right["av"]) >= 0.75 * len(right["av"]), right["av"]
 
     from mmkit.data.clips import ClipConfig, clip_audio, clip_frames, sample_clip
     from mmkit.data.media import write_video
 
-    clip = sample_clip(20_000_011, ClipConfig(duration=4.0, lifetime=None))
+    clip = sample_clip(20_000_011, ClipConfig(duration=4.0))
     video = write_video(tmp_path / "clip.mkv", clip_frames(clip, 224), fps=2, audio=clip_audio(clip))
     done = subprocess.run([sys.executable, "-m", "mmkit", "video-qa", str(video), "which shape appeared first?",
                            "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=600,
