@@ -275,3 +275,35 @@ def test_lora_dropout_follows_the_mode_and_the_lm_stays_deterministic_in_eval():
     torch.manual_seed(0)
     assert lm.caption_loss(batch, img).item() != lm.caption_loss(batch, img).item()  # LoRA dropout active
     assert not lm.model.training  # the base LM's own dropout stays off
+
+
+def test_generation_passes_the_cache_by_the_name_transformers_takes(lm, monkeypatch):
+    """transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is logged as deprecated, and goes in
+    5.40): each cached decoding step hands the cache back under the name the model's output uses, so it works
+    with the old name and the new one."""
+    import dataclasses
+
+    batch = lm.build_batch(["describe <image> caption :", "<image> what colour is the circle ?"], 3)
+    img = torch.randn(2, 3, lm.hidden_size) * 0.5
+    expected = lm.generate_ids(batch, img, max_new_tokens=4, stop_at_eos=False)
+    forward, calls = lm.model.forward, []
+
+    def recording(*args, **kwargs):
+        calls.append(sorted(k for k in ("cache", "past_key_values") if k in kwargs))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", recording)
+    assert torch.equal(lm.generate_ids(batch, img, max_new_tokens=4, stop_at_eos=False), expected)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    name = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+    assert calls[0] == [] and calls[1:] and all(c == [name] for c in calls[1:]), calls
+
+    @dataclasses.dataclass
+    class Old:  # an output of a transformers before the rename
+        logits: torch.Tensor
+        past_key_values: object
+
+    from mmkit.llm.frozen import _cache_name
+
+    assert _cache_name(Old(torch.zeros(1), None)) == "past_key_values"

@@ -55,6 +55,12 @@ def test_the_state_that_predicts_seg_prompts_sam():
     torch.testing.assert_close(found2, found)
     torch.testing.assert_close(first, model.seg_states(kept, 1)[0])
     assert not torch.allclose(first, last)
+    with torch.no_grad():  # a kept layer alone still says which answers hold a <SEG>
+        (only,), found3 = model.teacher_forced_seg_states(features, prompts, targets, layers=(1,))
+    torch.testing.assert_close(only, first)
+    torch.testing.assert_close(found3, found)
+    with pytest.raises(ValueError, match="at least one layer"):
+        model.teacher_forced_seg_states(features, prompts, targets, layers=())
 
 
 def test_forward_gives_losses_and_only_adapters_train():
@@ -277,7 +283,8 @@ def test_bundle_save_load_gives_identical_masks(tmp_path, norm):
     again = ReadModel.from_pretrained(tmp_path / "read", llm=FrozenLM(tiny_llama(2), tiny_tokenizer()),
                                       sam=tiny_sam(2), load_encoder=False)
     assert again.config == model.config
-    model.eval(), again.eval()  # LoRA dropout off
+    assert not any(m.training for m in again.modules())  # loaded for inference, as transformers loads
+    model.eval()  # LoRA dropout off
     with torch.no_grad():
         a = model(features, prompts, targets, sam_embeddings, masks)
         b = again(features, prompts, targets, sam_embeddings, masks)

@@ -109,3 +109,20 @@ def test_refcoco_json_source(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="needs a list under 'images'"):
         open_source(DataConfig(source="refcoco", options={"refs": str(tmp_path / "bad.json"), "images": "x"}))
+
+
+def test_command_line_source_options_read_for_their_type():
+    from mmkit.data.sources import parse_source_options
+
+    got = parse_source_options(["lifetime=null", "max_objects=3", "offset=-1", "duration=2.0", "refs=a/b.json"])
+    assert got == {"lifetime": None, "max_objects": 3, "offset": -1, "duration": 2.0, "refs": "a/b.json"}
+    # knowing the source: text stays text (YAML would cut " #..." as a comment, or read "yes" / "1e5" / a date),
+    # whole numbers are base 10 (YAML 1.1 reads 010 as octal 8), the rest as YAML
+    typed = parse_source_options(["images=/data/set #2", "refs=1e5"], "refcoco")
+    assert typed == {"images": "/data/set #2", "refs": "1e5"}
+    assert parse_source_options(["max_objects=010", "render_size=64"], "shapesworld_refer") == \
+        {"max_objects": 10, "render_size": 64}
+    clips = parse_source_options(["lifetime=null", "audio=false", "fps=2.5", "max_objects=010"], "shapesworld_clips")
+    assert clips == {"lifetime": None, "audio": False, "fps": 2.5, "max_objects": 10}
+    with pytest.raises(ValueError, match="must look like KEY=VALUE"):
+        parse_source_options(["lifetime"])

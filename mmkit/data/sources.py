@@ -19,7 +19,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-from ..config import StrictConfig
+from ..config import StrictConfig, parse_override
 from ..registry import Registry
 
 TASKS = ("caption", "vqa")
@@ -557,5 +557,27 @@ def source_options(name: str) -> list[str]:
     return SOURCES.get(name, what="data.source").Options.field_names()
 
 
+def parse_source_options(items: Sequence[str], source: str | None = None) -> dict:
+    """Command-line ``KEY=VALUE`` source options -> a dict. With ``source`` named, each value is read for its
+    option's type: text options (paths, names) verbatim, whole numbers in base 10 (``010`` is 10), anything else
+    (``null``, ``false``, ``2.5``) as a YAML scalar like a config override; without it, every value as YAML."""
+    import typing
+
+    hints = typing.get_type_hints(SOURCES.get(source, what="data.source").Options) if source else {}
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"source option {item!r} must look like KEY=VALUE, e.g. lifetime=null")
+        kinds = (typing.get_args(hints[key]) or (hints[key],)) if key in hints else ()
+        if str in kinds and raw not in ("null", "~"):
+            options[key] = raw  # a path such as "set #2/a.json" or "1e5" stays text
+        elif int in kinds and raw.strip().lstrip("-").isdigit():
+            options[key] = int(raw)
+        else:
+            options[key] = parse_override(f"x={raw}")[1]
+    return options
+
+
 __all__ = ["SOURCES", "DataConfig", "DataSource", "Example", "Question", "ReferringSource", "Referral", "open_source",
-           "source_options"]
+           "parse_source_options", "source_options"]

@@ -196,7 +196,7 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
     import argparse
 
     from ..config import parse_override
-    from ..data.sources import SOURCES, DataConfig, source_options
+    from ..data.sources import SOURCES, DataConfig, parse_source_options, source_options
 
     parser = argparse.ArgumentParser(description="Evaluate trained models (bundle or connector folders) on held-out images.")
     parser.add_argument("--connectors", nargs="+", default=[], help="model folders (e.g. outputs/x/final)")
@@ -228,9 +228,7 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
     accepted = source_options(args.source)
     options = {key: parse_override(f"x={getattr(args, key)}")[1] for _, key in _OPTION_FLAGS
                if getattr(args, key) is not None and key in accepted}
-    for item in args.options:
-        path, value = parse_override(item)
-        options[".".join(path)] = value
+    options.update(parse_source_options(args.options, args.source))
     data = DataConfig(source=args.source, split=args.split, size=args.size, options=options,
                       feature_cache=args.feature_cache)
     all_results = []

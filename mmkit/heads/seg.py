@@ -392,12 +392,14 @@ class ReadModel(nn.Module):
         reads it; k: transformers' ``hidden_states[k]``, the output of decoder layer k, as ``SasPConfig.layer``;
         k = the depth is the last after the final norm again), from one LLM pass: a list of (B, d), and (B,)
         bool whether the answer holds one. For probes: call it in eval mode (LoRA dropout is active otherwise)."""
+        if not layers:
+            raise ValueError("teacher_forced_seg_states needs at least one layer (None: the last)")
         embeds = self._grid_embeds(features, feature_mask)
         llm = self.vlm.llm
         keep = tuple(k for k in layers if k is not None)
         out = llm(llm.build_batch(prompts, embeds.shape[1], targets).to(llm.device), embeds, keep_layers=keep)
-        found = self.seg_states(out)[1]
-        return [self.seg_states(out, k)[0] for k in layers], found
+        picked = [self.seg_states(out, k) for k in layers]  # ``found`` is the same at every layer
+        return [state for state, _ in picked], picked[0][1]
 
     # ------------------------------------------------------------------ training
     def forward(
@@ -464,7 +466,9 @@ class ReadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, *, encoder=None, llm=None, sam=None, load_encoder: bool = True) -> ReadModel:
         """Rebuild a saved READ model: the frozen parts from the names in ``bundle.json`` (unless given), the
-        trained parts from its adapter folders."""
+        trained parts from its adapter folders. Returned in eval mode, as transformers' ``from_pretrained``
+        (dropout off; with ``head_input_norm="batch"`` the running statistics are used, never moved): call
+        ``.train()`` to fine-tune it further."""
         from ..adapters import load_adapter, load_adapter_weights
         from ..models import VisionLanguageModel
         from ..models.bundle import read_bundle
@@ -491,7 +495,7 @@ class ReadModel(nn.Module):
             raise ValueError(f"{folders['mask_decoder']} does not fit the mask decoder of SAM {parts['sam']['name']!r}: "
                              f"{'; '.join(sorted(differ)[:3])}{more}. Load the bundle with the SAM it was trained on.")
         model.sam.mask_decoder.load_state_dict(saved)
-        return model
+        return model.eval()
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

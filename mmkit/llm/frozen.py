@@ -492,7 +492,8 @@ class FrozenLM(nn.Module):
         out = self.model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache_kwarg = _cache_name(out)
+        cache, logits = getattr(out, cache_kwarg), out.logits[:, -1]
         B = embeds.shape[0]
         finished = torch.zeros(B, dtype=torch.bool, device=embeds.device)
         newline = self.newline_token_ids().to(embeds.device) if stop_at_newline else None
@@ -511,14 +512,23 @@ class FrozenLM(nn.Module):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = self.model(
-                input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                use_cache=True,
+                input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                **{cache_kwarg: cache},
             )
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            cache, logits = getattr(out, cache_kwarg), out.logits[:, -1]
             next_pos = next_pos + 1
         if not new_tokens:
             return torch.empty(B, 0, dtype=torch.long)
         return torch.stack(new_tokens, dim=1)
+
+
+def _cache_name(out) -> str:
+    """What the model calls its KV cache, read off its output's fields: ``cache`` since transformers renamed it
+    (5.x, where passing ``past_key_values`` warns and goes in 5.40), ``past_key_values`` before. The decode loop
+    passes the cache back under the same name."""
+    import dataclasses
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(out)} else "past_key_values"
 
 
 def _choose(

@@ -22,7 +22,7 @@ from mmkit.cli import run_guarded
 
 def evaluate(model_dir: Path, args) -> dict:
     from mmkit.data.features import source_features
-    from mmkit.data.sources import DataConfig, open_source
+    from mmkit.data.sources import DataConfig, open_source, parse_source_options
     from mmkit.eval.seg import grounding, map_auc, named_object_hit, overlay, seg_scores, write_sheet
     from mmkit.heads.seg import ReadModel, view_boxes
     from mmkit.models.bundle import read_bundle
@@ -30,8 +30,7 @@ def evaluate(model_dir: Path, args) -> dict:
 
     parts = read_bundle(model_dir)["parts"]
     model = ReadModel.from_pretrained(model_dir).eval()
-    options = dict(kv.split("=", 1) for kv in args.option)
-    options = {k: int(v) if v.isdigit() else v for k, v in options.items()}
+    options = parse_source_options(args.option, args.source)
     source = open_source(DataConfig(source=args.source, split=args.split, size=args.size, options=options, tasks={}))
     features = source_features(source, model.vlm.encoder, parts["encoder"], args.feature_cache)
     sam_emb = sam_embeddings(source, model.sam, parts["sam"]["name"], args.feature_cache)

@@ -110,7 +110,7 @@ def score(head, decoder_sam, states, embeddings, truths, scenes, refs, batch_siz
 
 def probe(args) -> dict:
     from mmkit.data.features import source_features
-    from mmkit.data.sources import DataConfig, open_source
+    from mmkit.data.sources import DataConfig, open_source, parse_source_options
     from mmkit.heads.sam_prompt import load_sam
     from mmkit.heads.seg import ReadModel, SegHead, SegHeadConfig
     from mmkit.models.bundle import read_bundle
@@ -126,8 +126,7 @@ def probe(args) -> dict:
         print(f"warning: {args.model} does not say which answer it trained with (saved before 2026-12-01); "
               f"teacher-forcing the recipe's default {answer!r} (--answer sets another)", file=sys.stderr)
     size = int(model.sam.config.prompt_encoder_config.image_size)
-    options = dict(kv.split("=", 1) for kv in args.option)
-    options = {k: int(v) if v.isdigit() else v for k, v in options.items()}
+    options = parse_source_options(args.option, "shapesworld_refer")
     data = {}
     for role, split, n in (("fit", "train", args.train_size), ("held_out", args.split, args.size)):
         source = open_source(DataConfig(source="shapesworld_refer", split=split, size=n, options=options, tasks={}))
@@ -209,7 +208,6 @@ def main(argv=None) -> dict:
             print(f"{name}: mean over seeds {100 * v['named_best_mean']:.1f}% named object best, "
                   f"gIoU {100 * v['gIoU_mean']:.1f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
     return result
 
