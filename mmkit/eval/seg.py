@@ -38,6 +38,14 @@ def seg_scores(preds: list[np.ndarray | None], truths: list[np.ndarray], per_exa
     return scores
 
 
+def examples_digest(refs) -> str:
+    """A short fingerprint of the expressions a report scored (each referral's image index and text, in order):
+    two reports pair per expression only when their digests agree."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{r.index}\t{r.expression}" for r in refs).encode()).hexdigest()[:16]
+
+
 def named_object_hit(pred: np.ndarray | None, masks: list[np.ndarray] | None, target: int) -> float | None:
     """For one expression: 1.0 when the predicted mask overlaps the named object ``masks[target]`` with a higher
     IoU than any other object of the scene (and touches it), 0.0 otherwise ("no mask" included); None when the

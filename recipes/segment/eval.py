@@ -10,7 +10,6 @@ IoU differences, ``mmkit.eval.paired``). ``--compare A.json B.json`` does the sa
 """
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -23,7 +22,15 @@ from mmkit.cli import run_guarded
 def evaluate(model_dir: Path, args) -> dict:
     from mmkit.data.features import source_features
     from mmkit.data.sources import DataConfig, open_source, parse_source_options
-    from mmkit.eval.seg import grounding, map_auc, named_object_hit, overlay, seg_scores, write_sheet
+    from mmkit.eval.seg import (
+        examples_digest,
+        grounding,
+        map_auc,
+        named_object_hit,
+        overlay,
+        seg_scores,
+        write_sheet,
+    )
     from mmkit.heads.seg import ReadModel, view_boxes
     from mmkit.models.bundle import read_bundle
     from mmkit.training.seg import SEG_PROMPT, sam_embeddings
@@ -83,7 +90,7 @@ def evaluate(model_dir: Path, args) -> dict:
     points = None if not positives else {  # does the similarity map point at the target? (READ only)
         "positives_per_expression": sum(positives) / len(positives),
         "positives_inside_target": sum(inside) / len(inside) if inside else None}
-    examples = hashlib.sha256("\n".join(f"{r.index}\t{r.expression}" for r in refs).encode()).hexdigest()[:16]
+    examples = examples_digest(refs)
     result = {"model": str(model_dir), "sasp": parts["seg"].get("sasp") is not None, **scores,
               "by_kind": {k: seg_scores([p for p, kk in zip(preds, kinds, strict=True) if kk == k],
                                         [t for t, kk in zip(truths, kinds, strict=True) if kk == k])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -111,6 +110,7 @@ def score(head, decoder_sam, states, embeddings, truths, scenes, refs, batch_siz
 def probe(args) -> dict:
     from mmkit.data.features import source_features
     from mmkit.data.sources import DataConfig, open_source, parse_source_options
+    from mmkit.eval.seg import examples_digest
     from mmkit.heads.sam_prompt import load_sam
     from mmkit.heads.seg import ReadModel, SegHead, SegHeadConfig
     from mmkit.models.bundle import read_bundle
@@ -139,7 +139,7 @@ def probe(args) -> dict:
     train_layers, train_emb, train_truths, _, _ = data["fit"]
     test_layers, test_emb, test_truths, test_scenes, test_refs = data["held_out"]
     fresh = load_sam(parts["sam"]["name"])  # the checkpoint's own decoder, not the model's trained one
-    examples = hashlib.sha256("\n".join(f"{r.index}\t{r.expression}" for r in test_refs).encode()).hexdigest()[:16]
+    examples = examples_digest(test_refs)
     result = {"model": str(args.model), "train_expressions": len(train_truths), "test_expressions": len(test_truths),
               "settings": {"train_size": args.train_size, "split": args.split, "size": args.size,
                            "refs_per_image": args.refs_per_image, "steps": args.steps, "batch_size": args.batch_size,
