@@ -54,6 +54,8 @@ class Adapter(nn.Module):
     # Buffers computed from the training data rather than fixed by the config (VLAP's word-frequency prior):
     # saved with the weights, sized by the file when loaded, and allowed to be absent from older files.
     data_buffers: ClassVar[tuple[str, ...]] = ()
+    # Config fields that only choose how fresh weights are drawn: loading saved weights ignores them.
+    init_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
@@ -203,7 +205,7 @@ def load_adapter_weights(adapter: Adapter, directory: str | os.PathLike) -> dict
                               f"{adapter.config.to_dict()} needs {expected}")
     saved, wanted = (json.loads(json.dumps(a.config.to_dict())) for a in (loaded, adapter))  # tuples as lists
     differ = {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted))
-              if saved.get(k) != wanted.get(k)}
+              if saved.get(k) != wanted.get(k) and k not in adapter.init_fields}
     if differ:  # same shapes, other maths (e.g. a switch added since the folder was written): not the same model
         raise AdapterMismatch(
             f"{directory} was saved with other {adapter.kind} settings than this model's: "
@@ -221,8 +223,9 @@ KEEP_PRECISION = ("running_mean", "running_var")
 def cast_saved(source: str | os.PathLike, destination: str | os.PathLike,
                dtype: torch.dtype = torch.float16) -> list[Path]:
     """Copy an adapter folder, or a bundle of them, to ``destination`` with every floating tensor of its weight
-    files but normalisation statistics (:data:`KEEP_PRECISION`) cast to ``dtype`` (fp16 / bf16 halves a checkpoint for shipping; loading copies the values back into
-    the module's own dtype). Other files are copied unchanged. Returns the weight files written.
+    files but normalisation statistics (:data:`KEEP_PRECISION`) cast to ``dtype`` (fp16 / bf16 halves a
+    checkpoint for shipping; loading copies the values back into the module's own dtype). Other files are
+    copied unchanged. Returns the weight files written.
 
     Refuses a ``destination`` that exists and is not empty, a ``source`` without any adapter weights, and a
     cast that would turn finite values into inf (fp16 above 65504), naming the tensor."""

@@ -321,3 +321,45 @@ def test_the_connectors_causal_attention_lets_a_frame_see_only_its_own_side(dire
         else:  # frame f sees frames <= f
             torch.testing.assert_close(base[layer][:, :8], new_last[layer][:, :8], atol=1e-6, rtol=0)
             assert (base[layer][:, last] - new_first[layer][:, last]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("direction", ["past", "future"])
+def test_identity_start_is_the_plain_qformer_at_initialisation_and_still_learns_to_mix(direction):
+    """``encoder_attention_init="identity"`` zeroes the causal block's output projection: at the start the
+    connector equals the one without encoder attention (same other weights; the window tokens are already
+    normalised by the window positions' LayerNorm), and the zeroed projection gets a gradient, so mixing grows."""
+    causal = blip2_sized(encoder_attention=direction, window_positions=True, num_layers=2,
+                         encoder_attention_init="identity")
+    plain = blip2_sized(encoder_attention="none", window_positions=True, num_layers=2)
+    unexpected = plain.load_state_dict(causal.state_dict(), strict=False).unexpected_keys
+    assert unexpected and all(".encoder_attention." in k for k in unexpected)
+    clip, mask = torch.randn(2, 24, 40), torch.tensor([[True] * 24, [True] * 16 + [False] * 8])
+    with torch.no_grad():
+        torch.testing.assert_close(causal(clip, mask)[0], plain(clip, mask)[0], atol=1e-5, rtol=1e-5)
+    bert = blip2_sized(encoder_attention=direction, window_positions=True, num_layers=2)  # the default start mixes
+    bert.load_state_dict({k: v for k, v in causal.state_dict().items() if "encoder_attention.output.dense" not in k},
+                         strict=False)
+    with torch.no_grad():
+        assert (bert(clip, mask)[0] - plain(clip, mask)[0]).abs().max() > 1e-3
+    causal.train()
+    causal(clip, mask)[0].square().sum().backward()
+    assert all(layer.encoder_attention.output.dense.weight.grad.abs().sum() > 0 for layer in causal.layers)
+    with pytest.raises(ValueError, match="encoder_attention_init must be one of"):
+        build_connector("qformer", vision_dim=8, llm_dim=8, encoder_attention_init="zero")
+    with pytest.raises(ValueError, match="encoder_attention='none' has none"):
+        build_connector("qformer", vision_dim=8, llm_dim=8, encoder_attention="none", encoder_attention_init="identity")
+
+
+def test_a_qformer_trained_from_the_identity_start_loads_into_one_built_with_the_default(tmp_path):
+    """How fresh weights were drawn is no part of the model: the saved weights load whichever start it names."""
+    from mmkit.adapters import load_adapter_weights
+
+    trained = blip2_sized(encoder_attention="past", window_positions=True, encoder_attention_init="identity")
+    with torch.no_grad():
+        trained.layers[0].encoder_attention.output.dense.weight.add_(0.5)
+    trained.save(tmp_path / "q")
+    other = blip2_sized(encoder_attention="past", window_positions=True)
+    load_adapter_weights(other, tmp_path / "q")
+    clip = torch.randn(1, 12, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(other(clip)[0], trained(clip)[0])

@@ -162,6 +162,49 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
 
 
+def test_a_run_starts_from_a_trained_seg_only_bundle_with_sasp_turned_on(tiny_parts, sam_dir, tmp_path):
+    """``model.init_from``, READ's official recipe (SasP switched on over a trained <SEG>-only model): the new run's
+    trained parts start as the bundle's, where a fresh run's do not; a bundle on another SAM is refused early."""
+    from safetensors.torch import load_file
+
+    common = [f"model.encoder=hf:{tiny_parts / 'vision'}", f"model.llm={tiny_parts / 'llm'}", "model.token_grid=3",
+              f"model.sam={sam_dir}", "data.size=4", "data.options={render_size: 30}",
+              f"data.feature_cache={tmp_path / 'f'}", "train.batch_size=2", "train.warmup_steps=1", "--max_train_steps", "1"]
+    run("train.py", [*common, "model.seg={prompt_dim: 20, lora_r: 2, sasp: null}", "train.seed=1",  # another start
+                     f"train.output_dir={tmp_path / 'seg'}"], tmp_path)
+    read = [*common, "model.seg={prompt_dim: 20, lora_r: 2, sasp: {down_sample: 1, num_points: 8}}",
+            "train.learning_rate=1e-12"]  # one step that moves nothing: the run's weights are where it started
+    done = run("train.py", [*read, f"model.init_from={tmp_path / 'seg' / 'final'}", f"train.output_dir={tmp_path / 'warm'}"],
+               tmp_path)
+    assert "READ initialised from" in done.stdout
+    run("train.py", [*read, f"train.output_dir={tmp_path / 'fresh'}"], tmp_path)
+
+    def weights(run_dir):
+        return {part: load_file(run_dir / "final" / part / "adapter.safetensors")
+                for part in ("connector", "llm", "head", "mask_decoder")}
+
+    start, warm, fresh = weights(tmp_path / "seg"), weights(tmp_path / "warm"), weights(tmp_path / "fresh")
+    for part, tensors in start.items():
+        assert set(warm[part]) == set(tensors), part
+        assert max((warm[part][k].float() - v.float()).abs().max().item() for k, v in tensors.items()) < 1e-6, part
+        if part != "mask_decoder":  # (both runs' decoders start as the SAM checkpoint's and barely moved)
+            assert max((fresh[part][k].float() - v.float()).abs().max().item() for k, v in tensors.items()) > 1e-4, part
+    assert json.loads((tmp_path / "warm" / "final" / "bundle.json").read_text())["parts"]["seg"]["sasp"] is not None
+    other = tmp_path / "other-sam"
+    tiny_sam(1).save_pretrained(other)
+    caches = sorted(p.name for p in (tmp_path / "f").iterdir())
+    for extra, message in (([f"model.sam={other}"], "trained on other frozen parts than this run's: sam (bundle"),
+                           (["model.seg.head_input_norm=batch"], "head_input_norm (bundle 'none', run 'batch')")):
+        done = subprocess.run([sys.executable, str(ROOT / "recipes" / "segment" / "train.py"), *read, *extra,
+                               f"model.init_from={tmp_path / 'seg' / 'final'}", f"train.output_dir={tmp_path / 'bad'}"],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                              env={"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                   "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "bad").exists()  # refused before the loop claimed the folder or cached anything
+        assert sorted(p.name for p in (tmp_path / "f").iterdir()) == caches
+
+
 def test_a_source_without_masks_is_refused(tiny_parts, sam_dir, tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "segment" / "train.py"), f"model.encoder=hf:{tiny_parts / 'vision'}",

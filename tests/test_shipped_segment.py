@@ -33,9 +33,7 @@ def shipped_segmentations(model_dir, scenes: int = 60):
         images = [source.image(r.index) for r in chunk]
         with torch.no_grad():
             features = model.vlm.image_features(images)
-            tokens = SamEmbedder(model.sam).encode(images).tokens  # (B, s * s, C)
-            side = int(round(tokens.shape[1] ** 0.5))
-            emb = tokens.transpose(1, 2).reshape(len(chunk), -1, side, side)
+            emb = SamEmbedder(model.sam).embeddings(images)  # (B, C, s, s)
             out = model.segment(features, [prompt.replace("{expression}", r.expression) for r in chunk], emb,
                                 (size, size), image_sizes=[im.size for im in images])
         for r, res in zip(chunk, out, strict=True):

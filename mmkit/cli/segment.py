@@ -47,9 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     prompt = read_bundle(args.model)["parts"].get("seg_prompt", SEG_PROMPT).replace("{expression}", args.expression)
     with torch.no_grad():
         features = model.vlm.image_features([image])
-        tokens = SamEmbedder(model.sam).encode([image]).tokens  # (1, s * s, C)
-        side = int(round(tokens.shape[1] ** 0.5))
-        emb = tokens.transpose(1, 2).reshape(1, -1, side, side)
+        emb = SamEmbedder(model.sam).embeddings([image])  # (1, C, s, s)
         size = int(model.sam.config.prompt_encoder_config.image_size)
         (result,) = model.segment(features, [prompt], emb, (image.height, image.width),  # logits up-scaled to the photo
                                   image_sizes=[image.size])

@@ -12,7 +12,11 @@ masked) and every window of the batch goes through one batched Q-Former call:
   no encoder attention, plain BLIP-2); then cross-attention of the queries to the window's tokens; FFN.
   As in the official code, each layer's causal attention reads the window's tokens as they entered the
   Q-Former and feeds only that layer's cross-attention (``encoder_attention_carry=True``: each layer reads the
-  previous layer's output instead, as mmkit did before 2026-11-30).
+  previous layer's output instead, as mmkit did before 2026-11-30). ``encoder_attention_init="identity"``
+  (mmkit's switch, not FAVOR's) starts that block's output projection at zero, so at initialisation the
+  causal part passes the window tokens through its LayerNorm only (the plain BLIP-2 Q-Former, when window
+  positions have normalised them already) and training grows the mixing from there; ``"bert"`` (default)
+  initialises it like every other block.
   Attention blocks are BERT-style (post-norm residual). Window tokens get learned per-position embeddings
   and a LayerNorm first (``window_positions``).
 - ``Linear(hidden -> llm_dim)`` out: ``num_queries`` tokens per window go to the LLM, so a clip's token
@@ -37,6 +41,7 @@ from ..ops import attention, block_causal, key_padding
 from .base import AuxiliaryLosses, Connector, ConnectorConfig, LossContext
 
 ENCODER_ATTENTION = ("past", "future", "none")
+ENCODER_ATTENTION_INIT = ("bert", "identity")
 DIVERSITY_ON = ("queries", "tokens")
 
 
@@ -55,6 +60,7 @@ class QFormerConfig(ConnectorConfig):
     frames_per_window: int = 10
     encoder_attention: str = "past"
     encoder_attention_carry: bool = False
+    encoder_attention_init: str = "bert"
     window_positions: bool = True
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
@@ -68,6 +74,12 @@ class QFormerConfig(ConnectorConfig):
         if self.encoder_attention not in ENCODER_ATTENTION:
             raise ValueError(f"QFormerConfig.encoder_attention must be one of {ENCODER_ATTENTION}, "
                              f"got {self.encoder_attention!r}")
+        if self.encoder_attention_init not in ENCODER_ATTENTION_INIT:
+            raise ValueError(f"QFormerConfig.encoder_attention_init must be one of {ENCODER_ATTENTION_INIT}, "
+                             f"got {self.encoder_attention_init!r}")
+        if self.encoder_attention == "none" and self.encoder_attention_init != "bert":
+            raise ValueError(f"QFormerConfig.encoder_attention_init={self.encoder_attention_init!r} starts the "
+                             "causal encoder attention, and encoder_attention='none' has none; use 'past' or 'future'")
         for name in ("num_queries", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "cross_attention_every", "encoder_heads", "tokens_per_frame", "frames_per_window"):
             if getattr(self, name) < 1:
@@ -123,6 +135,9 @@ class QFormerLayer(nn.Module):
             self.crossattention = BertAttention(cfg.hidden_size, cfg.num_heads, kv_dim=cfg.vision_dim, **common)
             if cfg.encoder_attention != "none":
                 self.encoder_attention = BertAttention(cfg.vision_dim, cfg.encoder_heads, **common)
+                if cfg.encoder_attention_init == "identity":  # out = LayerNorm(0 + window) at the start
+                    nn.init.zeros_(self.encoder_attention.output.dense.weight)
+                    nn.init.zeros_(self.encoder_attention.output.dense.bias)
         self.intermediate_query = nn.Module()
         self.intermediate_query.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.output_query = nn.Module()
@@ -149,6 +164,7 @@ class QFormerConnector(Connector):
 
     kind = "qformer"
     config_class = QFormerConfig
+    init_fields = ("encoder_attention_init",)
 
     def __init__(self, config: QFormerConfig) -> None:
         super().__init__(config)

@@ -44,12 +44,19 @@ class SegModelConfig(ModelConfig):
     seg: SegConfig = field(default_factory=SegConfig)
     seg_prompt: str = SEG_PROMPT
     seg_answer: str = SEG_ANSWER
+    # A READ bundle (folder or "asset:" name) whose trained parts (connector, LoRA and <SEG> row, head, mask
+    # decoder) start this run, with a fresh optimiser: READ's official code starts from a trained <SEG>-only
+    # model (SESAME) and turns SasP on. Its encoder, LLM and SAM must be this run's (see init_bundle).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if "{expression}" not in self.seg_prompt or "<image>" not in self.seg_prompt:
             raise ValueError(f"model.seg_prompt must hold '<image>' and '{{expression}}', got {self.seg_prompt!r}")
         if self.seg.seg_token not in self.seg_answer:
             raise ValueError(f"model.seg_answer must hold {self.seg.seg_token!r}, got {self.seg_answer!r}")
+        if self.init_from and self.connector_init:
+            raise ValueError("model.init_from (a READ bundle, connector included) and model.connector_init (a "
+                             "connector checkpoint) both set the connector's start; give one")
 
 
 @dataclass
@@ -92,6 +99,16 @@ class SamEmbedder:
         tokens = emb.flatten(2).transpose(1, 2)  # (B, s * s, C)
         return EncoderOutput(tokens=tokens, pooled=tokens.mean(1))
 
+    def embeddings(self, images) -> torch.Tensor:
+        """SAM's image embeddings (B, C, s, s) of PIL images, as the mask decoder takes them."""
+        return embedding_grid(self.encode(images).tokens)
+
+
+def embedding_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, s * s, C) SAM embedding tokens, as cached -> (B, C, s, s) embeddings."""
+    side = int(round(tokens.shape[1] ** 0.5))
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+
 
 def sam_fingerprint(sam, name: str) -> dict:
     """What identifies a SAM's image encoder for the embedding cache: its name, its config and, for a local
@@ -110,8 +127,7 @@ def sam_embeddings(source, sam, name: str, cache_dir: str | Path) -> torch.Tenso
     digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"sam-{source.config.source}-{source.config.split}-{digest}.safetensors"
     tokens = cached_features(path, encoder=SamEmbedder(sam), ids=source.ids(), load=source.image, signature=signature)
-    side = int(round(tokens.shape[1] ** 0.5))
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+    return embedding_grid(tokens)
 
 
 def build_read(cfg: SegRecipeConfig, encoder, llm, sam) -> ReadModel:
@@ -125,6 +141,52 @@ def build_read(cfg: SegRecipeConfig, encoder, llm, sam) -> ReadModel:
     vlm = VisionLanguageModel(encoder, connector, llm, caption_prompt=cfg.model.caption_prompt,
                               vqa_prompt=cfg.model.vqa_prompt)
     return ReadModel(vlm, sam, cfg.model.seg)
+
+
+# SegConfig fields that shape or scale the weights a bundle hands on: a run started from it must share them.
+INIT_MUST_MATCH = ("seg_token", "prompt_dim", "head_input_norm", "lora_r", "lora_alpha", "lora_targets")
+
+
+def _local(name) -> str:
+    """A name as compared across runs: an existing local path (after an optional "hf:"-style prefix) made
+    absolute, anything else (a hub id) as is."""
+    text = str(name)
+    prefix, sep, rest = text.partition(":")
+    for head, path in ((prefix + sep, rest), ("", text)) if sep else (("", text),):
+        if path and Path(path).expanduser().exists():
+            return head + str(Path(path).expanduser().resolve())
+    return text
+
+
+def init_bundle(cfg: SegRecipeConfig) -> dict:
+    """The adapter folders of ``model.init_from``, the READ bundle a run starts from, after checking (before any
+    caching) that it was trained on this run's frozen parts (encoder and its grid, LLM, SAM) with the seg
+    settings its weights depend on (:data:`INIT_MUST_MATCH`); SasP and the loss terms may differ."""
+    from ..heads.seg import saved_seg_config
+    from ..models.bundle import read_bundle
+
+    name, model = cfg.model.init_from, cfg.model
+    bundle = read_bundle(resolve_asset(name))
+    if bundle["kind"] != "read":
+        raise ValueError(f"model.init_from: {name} holds a {bundle['kind']!r} model, not a READ bundle "
+                         "(a recipes/segment/train.py output folder or checkpoint)")
+    parts = bundle["parts"]
+    saved_encoder, wanted_encoder = parts.get("encoder") or {}, encoder_meta(model)
+    theirs = {"encoder": _local(saved_encoder.get("spec")), "llm": _local((parts.get("llm") or {}).get("name")),
+              "sam": _local(resolve_asset(resolve_sam((parts.get("sam") or {}).get("name") or "(none)")))}
+    ours = {"encoder": _local(model.encoder), "llm": _local(model.llm), "sam": _local(resolve_asset(resolve_sam(model.sam)))}
+    for key in sorted(set(saved_encoder) & set(wanted_encoder) - {"spec"}):  # token_grid, image_size
+        theirs[f"encoder {key}"], ours[f"encoder {key}"] = saved_encoder[key], wanted_encoder[key]
+    differ = [f"{k} (bundle {theirs[k]!r}, run {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
+    if differ:
+        raise ValueError(f"model.init_from: {name} was trained on other frozen parts than this run's: "
+                         f"{', '.join(differ)}; set model.encoder / token_grid / llm / sam to the bundle's")
+    saved, wanted = saved_seg_config(parts.get("seg", {})).to_dict(), model.seg.to_dict()
+    differ = [f"{k} (bundle {saved[k]!r}, run {wanted[k]!r})" for k in INIT_MUST_MATCH if saved[k] != wanted[k]]
+    if differ:
+        raise ValueError(f"model.init_from: {name} has other weights than this run's settings make: "
+                         f"{', '.join(differ)}; set model.seg.<field> to the bundle's (SasP and the loss terms may differ)")
+    return bundle["adapters"]
 
 
 class SegTask(TrainingTask):
@@ -143,16 +205,20 @@ class SegTask(TrainingTask):
             raise ValueError(f"train.batch_size {tc.batch_size} x {loop.num_processes} processes is more than the "
                              f"{len(self.examples)} referring examples of {cfg.data.source}/{cfg.data.split}; lower it "
                              "or raise data.size")
+        self.encoder_meta = encoder_meta(cfg.model)
+        start = init_bundle(cfg) if cfg.model.init_from else None  # (train_seg checked it before the loop)
         encoder, llm = load_components(cfg.model)
         sam = load_sam(cfg.model.sam)
-        self.features = source_features(source, encoder, encoder_meta(cfg.model), cfg.data.feature_cache)
+        self.features = source_features(source, encoder, self.encoder_meta, cfg.data.feature_cache)
         self.sam_embeddings = sam_embeddings(source, sam, cfg.model.sam, cfg.data.feature_cache)
         self.mask_size = int(sam.config.prompt_encoder_config.image_size)
         torch.manual_seed(tc.seed)
         self.model = build_read(cfg, encoder, llm, sam)
+        if start is not None:  # (a resumed run then loads its own checkpoint over these)
+            self._load_weights(start)
+            loop.print(f"READ initialised from {cfg.model.init_from} (connector, LoRA and <SEG> row, head, mask decoder)")
         self._boxes = self._view_boxes(encoder)  # SasP's token grid in SAM's frame, per image size
         self.model.vlm.encoder = None  # features and boxes are computed; the encoder is named in the bundle
-        self.encoder_meta = encoder_meta(cfg.model)
         self.model.to(loop.device)
         self._module = _Trainable(self.model)
 
@@ -225,15 +291,15 @@ class SegTask(TrainingTask):
                                    encoder=self.encoder_meta, seg_prompt=self.cfg.model.seg_prompt,
                                    seg_answer=self.cfg.model.seg_answer,
                                    metadata={"training": {"command": self.loop.command, "data": self.source.signature(),
-                                                          "steps": self.cfg.train.max_train_steps}})
+                                                          "steps": self.cfg.train.max_train_steps,
+                                                          "init_from": self.cfg.model.init_from}})
 
     def save_checkpoint(self, folder: Path) -> dict:
         self._save(folder)
         return {}
 
     def load_checkpoint(self, folder: Path, state: dict) -> None:
-        from ..adapters import AdapterMismatch, load_adapter, load_adapter_weights
-        from ..connectors import load_weights_into
+        from ..adapters import AdapterMismatch
         from ..heads.seg import saved_seg_config
         from ..models.bundle import read_bundle
 
@@ -244,7 +310,13 @@ class SegTask(TrainingTask):
         if differ:  # same tensors, other maths (e.g. a field added since the checkpoint was written)
             raise AdapterMismatch(f"{folder} was trained with other READ settings than this run's: {', '.join(differ)};"
                                   " give the run the saved settings (model.seg...) to continue it")
-        folders = bundle["adapters"]
+        self._load_weights(bundle["adapters"])
+
+    def _load_weights(self, folders: dict) -> None:
+        """Copy a bundle's adapter folders into this run's model (each loader checks kind, settings and shapes)."""
+        from ..adapters import load_adapter, load_adapter_weights
+        from ..connectors import load_weights_into
+
         load_weights_into(self.model.vlm.connector, folders["connector"])
         self.model.vlm.llm.load_trainable(folders["llm"])
         load_adapter_weights(self.model.head, folders["head"])
@@ -272,5 +344,7 @@ def train_seg(cfg: SegRecipeConfig, *, resume: bool = False, overwrite: bool = F
     from ..connectors.base import check_connector_options
 
     check_connector_options(cfg.model.connector, cfg.model.connector_options)
+    if cfg.model.init_from:
+        init_bundle(cfg)  # a wrong bundle is refused before the loop claims output_dir
     loop = TrainingLoop(cfg.train, run_config=cfg, resume=resume, overwrite=overwrite, command=command)
     return loop.run(SegTask(cfg, loop))
