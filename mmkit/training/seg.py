@@ -173,8 +173,8 @@ def init_bundle(cfg: SegRecipeConfig) -> dict:
     parts = bundle["parts"]
     saved_encoder, wanted_encoder = parts.get("encoder") or {}, encoder_meta(model)
     theirs = {"encoder": _local(saved_encoder.get("spec")), "llm": _local((parts.get("llm") or {}).get("name")),
-              "sam": _local(resolve_asset(resolve_sam((parts.get("sam") or {}).get("name") or "(none)")))}
-    ours = {"encoder": _local(model.encoder), "llm": _local(model.llm), "sam": _local(resolve_asset(resolve_sam(model.sam)))}
+              "sam": _local(resolve_asset((parts.get("sam") or {}).get("name") or "(none)"))}
+    ours = {"encoder": _local(model.encoder), "llm": _local(model.llm), "sam": _local(resolve_asset(model.sam))}
     for key in sorted(set(saved_encoder) & set(wanted_encoder) - {"spec"}):  # token_grid, image_size
         theirs[f"encoder {key}"], ours[f"encoder {key}"] = saved_encoder[key], wanted_encoder[key]
     differ = [f"{k} (bundle {theirs[k]!r}, run {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
