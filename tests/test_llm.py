@@ -235,6 +235,54 @@ def test_lora_through_peft_trains_only_its_weights_and_saves_plain_keys(tmp_path
         FrozenLM(tiny_llama(), tiny_tokenizer()).add_lora(LoRASpec(target_modules=("nope_proj",)))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_word_embeddings_train_whole_save_and_load_with_the_other_trainable_weights(tmp_path, tied):
+    """LISA's / READ's embed_tokens + lm_head: with peft's LoRA on (which freezes what it does not add), the
+    whole table (and an untied head) trains, is saved under plain keys and loads back; a folder saved with
+    them frozen leaves the loading LM's pretrained table in place."""
+    from safetensors.torch import load_file
+
+    from mmkit.llm.frozen import LoRASpec
+
+    lm = FrozenLM(tiny_llama(tie_word_embeddings=tied), tiny_tokenizer())
+    table = lm.word_embeddings().detach().clone()
+    lm.add_special_tokens(["<SEG>"])
+    lm.train_word_embeddings()
+    lm.add_lora(LoRASpec(r=2))
+    lm.train_word_embeddings()  # again: a no-op
+    weights = lm.word_embedding_parameters()
+    assert sorted(weights) == (["embed_tokens"] if tied else ["embed_tokens", "lm_head"])
+    trainable = {id(p) for p in lm.trainable_parameters()}
+    assert all(id(w) in trainable for w in weights.values()) and id(lm.new_rows) in trainable
+    head_before = None if tied else weights["lm_head"].detach().clone()
+    opt = torch.optim.AdamW(lm.trainable_parameters(), lr=0.05)
+    batch = lm.build_batch(["<image> segment the circle :"], 2, ["it is <SEG> ."])
+    img = torch.randn(1, 2, lm.hidden_size)
+    for _ in range(2):
+        lm.caption_loss(batch, img).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(weights["embed_tokens"].detach(), table)  # original rows moved
+    if not tied:
+        assert not torch.equal(weights["lm_head"].detach(), head_before)
+    lm.save_trainable(tmp_path / "all")
+    keys = set(load_file(str(tmp_path / "all" / "adapter.safetensors")))
+    assert {"new_tokens", "embed_tokens"} <= keys and ("lm_head" in keys) != tied
+    other = FrozenLM(tiny_llama(tie_word_embeddings=tied), tiny_tokenizer())
+    other.load_trainable(tmp_path / "all")
+    assert other.word_embeddings_train and other.word_embeddings().requires_grad
+    assert torch.equal(other.word_embeddings(), lm.word_embeddings())
+    assert torch.allclose(other.caption_loss(batch, img), lm.caption_loss(batch, img))
+    # a folder with the table frozen, into an LM that trains it: the pretrained table stays
+    rows_only = FrozenLM(tiny_llama(tie_word_embeddings=tied), tiny_tokenizer())
+    rows_only.add_special_tokens(["<SEG>"])
+    rows_only.save_trainable(tmp_path / "rows")
+    fresh = FrozenLM(tiny_llama(tie_word_embeddings=tied), tiny_tokenizer())
+    fresh.train_word_embeddings()
+    fresh.load_trainable(tmp_path / "rows")
+    assert torch.equal(fresh.word_embedding_parameters()["embed_tokens"], table)
+
+
 def test_generation_stops_at_a_line_break_and_user_text_stays_text():
     lm = FrozenLM(tiny_llama(), tiny_tokenizer())
     ids = lm.newline_token_ids()

@@ -269,9 +269,13 @@ def test_grid_must_hold_the_image_tokens():
         model(features, prompts, targets, sam_embeddings, masks)
 
 
-@pytest.mark.parametrize("norm", ["none", "batch"])
-def test_bundle_save_load_gives_identical_masks(tmp_path, norm):
-    model = build(seed=2, head_input_norm=norm)  # "batch": the loaded running statistics decide the masks
+@pytest.mark.parametrize("norm,words", [("none", "new_rows"), ("batch", "new_rows"), ("none", "all")])
+def test_bundle_save_load_gives_identical_masks(tmp_path, norm, words):
+    # "batch": the loaded running statistics decide the masks; "all": LISA's / READ's code's trainable
+    # embed_tokens + lm_head, saved whole with the LoRA and the <SEG> row
+    model = build(seed=2, head_input_norm=norm, word_embeddings=words)
+    table = model.vlm.llm.word_embedding_parameters()["embed_tokens"].detach().clone()
+    assert model.vlm.llm.word_embedding_parameters()["embed_tokens"].requires_grad == (words == "all")
     features, prompts, targets, sam_embeddings, masks = batch()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     for _ in range(2):  # trained-looking adapters: LoRA B, the new row and the decoder all moved
@@ -283,6 +287,9 @@ def test_bundle_save_load_gives_identical_masks(tmp_path, norm):
     again = ReadModel.from_pretrained(tmp_path / "read", llm=FrozenLM(tiny_llama(2), tiny_tokenizer()),
                                       sam=tiny_sam(2), load_encoder=False)
     assert again.config == model.config
+    moved = model.vlm.llm.word_embedding_parameters()["embed_tokens"].detach()
+    assert torch.equal(moved, table) == (words == "new_rows")
+    torch.testing.assert_close(again.vlm.llm.word_embedding_parameters()["embed_tokens"], moved, rtol=0, atol=0)
     assert not any(m.training for m in again.modules())  # loaded for inference, as transformers loads
     model.eval()  # LoRA dropout off
     with torch.no_grad():
@@ -345,6 +352,13 @@ def test_the_head_can_standardise_the_seg_state_per_channel(tmp_path):
         SegConfig(head_input_norm="layer")
     assert build(head_input_norm="batch").head.config.input_norm == "batch"
     assert build().head.config.input_norm == "none"  # LISA's head as published
+    with pytest.raises(ValueError, match=r"word_embeddings must be one of \('new_rows', 'all'\), got 'rows'"):
+        SegConfig(word_embeddings="rows")
+    llm = FrozenLM(tiny_llama(), tiny_tokenizer())
+    llm.train_word_embeddings()
+    vlm = VisionLanguageModel(None, build_connector("linear", vision_dim=12, llm_dim=llm.hidden_size), llm)
+    with pytest.raises(ValueError, match="trains its whole word-embedding table but SegConfig.word_embeddings"):
+        ReadModel(vlm, tiny_sam(0), SegConfig(prompt_dim=20))
     from mmkit.training.seg import SegRecipeConfig
 
     with pytest.raises(ValueError, match="train.batch_size=1 has no spread to measure"):

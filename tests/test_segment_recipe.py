@@ -203,6 +203,26 @@ def test_a_run_starts_from_a_trained_seg_only_bundle_with_sasp_turned_on(tiny_pa
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
         assert not (tmp_path / "bad").exists()  # refused before the loop claimed the folder or cached anything
         assert sorted(p.name for p in (tmp_path / "f").iterdir()) == caches
+    # a bundle that trained the whole word-embedding table starts only runs that train it too; one that trained
+    # only its new rows starts either kind
+    import shutil
+
+    from mmkit.training.seg import SegRecipeConfig, init_bundle
+
+    shutil.copytree(tmp_path / "seg" / "final", tmp_path / "all")
+    meta = json.loads((tmp_path / "all" / "bundle.json").read_text())
+    meta["parts"]["seg"]["word_embeddings"] = "all"
+    (tmp_path / "all" / "bundle.json").write_text(json.dumps(meta))
+    model = {"encoder": f"hf:{tiny_parts / 'vision'}", "llm": str(tiny_parts / "llm"), "token_grid": 3,
+             "sam": str(sam_dir), "seg": {"prompt_dim": 20, "lora_r": 2}}
+
+    def start(bundle, words):
+        return init_bundle(SegRecipeConfig.from_dict(
+            {"model": {**model, "init_from": str(bundle), "seg": {**model["seg"], "word_embeddings": words}}}))
+
+    with pytest.raises(ValueError, match="trained the LLM's whole word-embedding table.*word_embeddings=all"):
+        start(tmp_path / "all", "new_rows")
+    assert set(start(tmp_path / "all", "all")) == set(start(tmp_path / "seg" / "final", "all")) == set(weights(tmp_path / "seg"))
 
 
 def test_a_source_without_masks_is_refused(tiny_parts, sam_dir, tmp_path):

@@ -35,6 +35,7 @@ from .sam_prompt import decode_masks, load_sam, sam_input_size, upscale_masks
 from .sasp import PADDING, SasPConfig, sasp_points, similarity_map
 
 SEG_TOKEN = "<SEG>"
+WORD_EMBEDDINGS = ("new_rows", "all")  # SegConfig.word_embeddings
 
 
 @dataclass
@@ -55,6 +56,10 @@ class SegConfig(StrictConfig):
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     train_mask_decoder: bool = True
     head_input_norm: str = "none"  # SegHeadConfig.input_norm: "none" (LISA / READ) or "batch"
+    # which LLM embedding rows train: "new_rows", only the added <SEG> row (mmkit's default, the LLM stays as
+    # released); "all", the whole embed_tokens table and lm_head as well (LISA's and READ's official code; the
+    # bundle then holds the table, 28M parameters for SmolLM2-135M)
+    word_embeddings: str = "new_rows"
 
     def __post_init__(self) -> None:
         for name in ("ce_weight", "bce_weight", "dice_weight"):
@@ -73,6 +78,8 @@ class SegConfig(StrictConfig):
                 raise ValueError(f"SegConfig.grid must be two positive ints (rows, cols), got {self.grid}")
         self.lora_targets = tuple(self.lora_targets)
         check_input_norm(self.head_input_norm, "SegConfig.head_input_norm")
+        if self.word_embeddings not in WORD_EMBEDDINGS:
+            raise ValueError(f"SegConfig.word_embeddings must be one of {WORD_EMBEDDINGS}, got {self.word_embeddings!r}")
 
 
 def saved_seg_config(seg: dict) -> SegConfig:
@@ -84,6 +91,7 @@ def saved_seg_config(seg: dict) -> SegConfig:
         seg["sasp"] = {**seg["sasp"], "grid_view": "image"}
     seg.setdefault("dice_smooth", 1.0)  # saved before the field existed: trained with smoothing 1
     seg.setdefault("head_input_norm", "none")  # saved before the field existed: LISA's head
+    seg.setdefault("word_embeddings", "new_rows")  # saved before the field existed: only the <SEG> row trained
     return SegConfig.from_dict(seg)
 
 
@@ -200,7 +208,8 @@ class SamMaskDecoderAdapter(Adapter):
 
 
 class _LMTrainable:
-    """Bundle entry for the LLM's trained part (added rows + LoRA), written by ``FrozenLM.save_trainable``."""
+    """Bundle entry for the LLM's trained part (added rows + LoRA, and the word embeddings when they train),
+    written by ``FrozenLM.save_trainable``."""
 
     def __init__(self, llm) -> None:
         self.llm = llm
@@ -262,6 +271,11 @@ class ReadModel(nn.Module):
         if config.lora_r > 0 and llm.lora is None:
             llm.add_lora(LoRASpec(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                                   target_modules=config.lora_targets))
+        if config.word_embeddings == "all":
+            llm.train_word_embeddings()
+        elif llm.word_embeddings_train:
+            raise ValueError("this LLM trains its whole word-embedding table but SegConfig.word_embeddings is "
+                             "'new_rows'; set word_embeddings='all' (or start from an LLM whose table is frozen)")
         layer = None if config.sasp is None else config.sasp.layer
         depth = getattr(getattr(llm.model, "config", None), "num_hidden_layers", None)
         if layer is not None and depth is not None and not -(depth + 1) <= layer <= depth:
@@ -277,7 +291,8 @@ class ReadModel(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The adapters: the connector, the LLM's LoRA and new rows, the head, SAM's mask decoder."""
+        """The adapters: the connector, the LLM's LoRA and new rows (or all word embeddings), the head, SAM's
+        mask decoder."""
         params = self.vlm.trainable_parameters() + list(self.vlm.llm.trainable_parameters())
         params += list(self.head.parameters()) + [p for p in self.sam.mask_decoder.parameters() if p.requires_grad]
         seen, out = set(), []

@@ -5,9 +5,11 @@ A prompt holds one ``<image>`` placeholder per image. It is expanded into ``N_b`
 the image embeddings there, after checking that the counts agree. The placeholder never enters the
 vocabulary, so the LM's embedding matrix is untouched.
 
-The LM stays frozen unless a recipe asks for exactly two kinds of trainable weights, both saved on their
-own as one adapter folder (:meth:`FrozenLM.save_trainable`): rows for added special tokens
-(:meth:`FrozenLM.add_special_tokens`, e.g. READ's ``<SEG>``) and LoRA through peft (:meth:`FrozenLM.add_lora`).
+The LM stays frozen unless a recipe asks for trainable weights of three kinds, all saved on their own as
+one adapter folder (:meth:`FrozenLM.save_trainable`): rows for added special tokens
+(:meth:`FrozenLM.add_special_tokens`, e.g. READ's ``<SEG>``), LoRA through peft (:meth:`FrozenLM.add_lora`),
+and the whole word-embedding table and output head (:meth:`FrozenLM.train_word_embeddings`, LISA's and
+READ's ``embed_tokens`` + ``lm_head``).
 
 Training sequences are ``[prompt with image positions][target][eos]`` with the loss on the target only;
 generation left-pads the prompts, encodes the whole prefix (image included) once, then decodes token by
@@ -107,6 +109,7 @@ class FrozenLM(nn.Module):
         self.special_tokens: list[str] = []
         self.new_rows: nn.Parameter | None = None  # (n, d) rows of the added special tokens
         self.lora: LoRASpec | None = None
+        self.word_embeddings_train = False  # whether the original embedding table / output head train too
         self._newline_ids: Tensor | None = None
 
     @classmethod
@@ -147,8 +150,8 @@ class FrozenLM(nn.Module):
     # ------------------------------------------------------------------ the only trainable parts
     def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
         """Add ``tokens`` (e.g. ``["<SEG>"]``) to the tokenizer with new embedding rows, the only LM rows that
-        train (initialised to the mean of the existing rows; tied LMs score them with the same rows).
-        Returns their ids. Can be called once."""
+        train unless :meth:`train_word_embeddings` is on (initialised to the mean of the existing rows; tied LMs
+        score them with the same rows). Returns their ids. Can be called once."""
         from .new_tokens import NewTokenEmbedding, NewTokenHead
 
         if self.new_rows is not None:
@@ -186,23 +189,49 @@ class FrozenLM(nn.Module):
             raise ValueError(f"LoRA target modules {list(spec.target_modules)} not found in the LM ({err})") from None
         if self.new_rows is not None:  # peft marks everything but LoRA frozen, added token rows included
             self.new_rows.requires_grad_(True)
+        for weight in self.word_embedding_parameters().values() if self.word_embeddings_train else ():
+            weight.requires_grad_(True)
         self.lora = spec
         self.train(self.training)  # new LoRA modules start in training mode whatever this LM's mode is
         self._no_memo()
+
+    def train_word_embeddings(self) -> None:
+        """Train the LM's original word-embedding table and output head as well (one matrix when the LM ties
+        them, as SmolLM2 does): what LISA's and READ's code do (``embed_tokens`` and ``lm_head`` trainable).
+        They are then saved with the other trainable weights (the table's full size). Calling it again is a
+        no-op."""
+        for weight in self.word_embedding_parameters().values():
+            weight.requires_grad_(True)
+        self.word_embeddings_train = True
+        self._no_memo()
+
+    def word_embedding_parameters(self) -> dict[str, nn.Parameter]:
+        """The original (V, d) embedding table as ``embed_tokens`` and, when the LM does not tie its output
+        head to it, the head's weight as ``lm_head`` (the parameters under the added-token wrappers)."""
+        table = getattr(self.model.get_input_embeddings(), "base", self.model.get_input_embeddings()).weight
+        head = getattr(self.model.get_output_embeddings(), "base", self.model.get_output_embeddings())
+        out = {"embed_tokens": table}
+        if head is not None and head.weight is not table:
+            out["lm_head"] = head.weight
+        return out
 
     def _no_memo(self) -> None:
         self.text_feature_memo = 0  # the LM now changes while training: remembered features would go stale
         self._memo.clear()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The added token rows and the LoRA weights (empty for a plain frozen LM)."""
+        """The added token rows, the LoRA weights and the word embeddings if they train (empty for a plain
+        frozen LM)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The trainable weights with plain keys: ``new_tokens`` and the LoRA tensors under their module paths."""
+        """The trainable weights with plain keys: ``new_tokens``, ``embed_tokens`` (+ ``lm_head`` when untied)
+        and the LoRA tensors under their module paths."""
         state = {}
         if self.new_rows is not None:
             state["new_tokens"] = self.new_rows.detach()
+        if self.word_embeddings_train:
+            state.update({k: v.detach() for k, v in self.word_embedding_parameters().items()})
         if self.lora is not None:
             from peft import get_peft_model_state_dict
 
@@ -210,7 +239,8 @@ class FrozenLM(nn.Module):
         return state
 
     def save_trainable(self, directory: str | os.PathLike, *, metadata: dict | None = None) -> Path:
-        """Write the added tokens and LoRA as an adapter folder (``adapter.json`` + ``adapter.safetensors``)."""
+        """Write the added tokens, LoRA and (when they train) the word embeddings as an adapter folder
+        (``adapter.json`` + ``adapter.safetensors``)."""
         from safetensors.torch import save
 
         from ..config import atomic_write_bytes, atomic_write_text
@@ -218,13 +248,16 @@ class FrozenLM(nn.Module):
         directory = Path(directory)
         state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
         atomic_write_bytes(directory / "adapter.safetensors", save(state))
-        config = {"special_tokens": self.special_tokens, "lora": None if self.lora is None else vars(self.lora)}
+        config = {"special_tokens": self.special_tokens, "lora": None if self.lora is None else vars(self.lora),
+                  "word_embeddings": self.word_embeddings_train}
         payload = {"kind": TRAINABLE_KIND, "config": config, "metadata": metadata or {}}
         atomic_write_text(directory / "adapter.json", json.dumps(payload, indent=2, sort_keys=True, default=list) + "\n")
         return directory
 
     def load_trainable(self, directory: str | os.PathLike) -> None:
-        """Add the tokens / LoRA a :meth:`save_trainable` folder describes (unless already added) and load them."""
+        """Add the tokens / LoRA / trainable word embeddings a :meth:`save_trainable` folder describes (unless
+        already there) and load them. A folder saved with the word embeddings frozen leaves this LM's own (its
+        pretrained ones) in place, trainable or not."""
         from ..adapters import read_safetensors
 
         directory = Path(directory)
@@ -242,14 +275,20 @@ class FrozenLM(nn.Module):
             spec = dict(config["lora"])
             spec["target_modules"] = tuple(spec["target_modules"])
             self.add_lora(LoRASpec(**spec))
+        if config.get("word_embeddings"):
+            self.train_word_embeddings()
         state = read_safetensors(directory / "adapter.safetensors")
-        expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()
+                    if config.get("word_embeddings") or k not in ("embed_tokens", "lm_head")}
         got = {k: tuple(v.shape) for k, v in state.items()}
         if expected != got:
             raise ValueError(f"{directory} does not fit this LM: it holds {got}, the LM's trainable weights are {expected}")
-        if "new_tokens" in state:
-            with torch.no_grad():
+        with torch.no_grad():
+            if "new_tokens" in state:
                 self.new_rows.copy_(state.pop("new_tokens"))
+            for name, weight in self.word_embedding_parameters().items():
+                if name in state:
+                    weight.copy_(state.pop(name))
         if self.lora is not None:
             from peft import set_peft_model_state_dict
 

@@ -17,8 +17,10 @@ def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def tiny_llama(seed: int = 0, *, vocab_size: int = 131, hidden_size: int = 36, layers: int = 2):
-    """``LlamaForCausalLM``: 3 query heads of 12 dims over 1 kv head (grouped-query), vocab 131."""
+def tiny_llama(seed: int = 0, *, vocab_size: int = 131, hidden_size: int = 36, layers: int = 2,
+               tie_word_embeddings: bool = True):
+    """``LlamaForCausalLM``: 3 query heads of 12 dims over 1 kv head (grouped-query), vocab 131; the output head
+    shares the embedding table (as SmolLM2's) unless ``tie_word_embeddings=False``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _seeded(seed)
@@ -30,7 +32,7 @@ def tiny_llama(seed: int = 0, *, vocab_size: int = 131, hidden_size: int = 36, l
         num_attention_heads=3,
         num_key_value_heads=1,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

@@ -186,6 +186,10 @@ def init_bundle(cfg: SegRecipeConfig) -> dict:
     if differ:
         raise ValueError(f"model.init_from: {name} has other weights than this run's settings make: "
                          f"{', '.join(differ)}; set model.seg.<field> to the bundle's (SasP and the loss terms may differ)")
+    if saved["word_embeddings"] == "all" and wanted["word_embeddings"] != "all":
+        raise ValueError(f"model.init_from: {name} trained the LLM's whole word-embedding table, which this run "
+                         "would then train too; set model.seg.word_embeddings=all (a bundle with only its new rows "
+                         "trained starts either kind of run)")
     return bundle["adapters"]
 
 
@@ -216,7 +220,8 @@ class SegTask(TrainingTask):
         self.model = build_read(cfg, encoder, llm, sam)
         if start is not None:  # (a resumed run then loads its own checkpoint over these)
             self._load_weights(start)
-            loop.print(f"READ initialised from {cfg.model.init_from} (connector, LoRA and <SEG> row, head, mask decoder)")
+            loop.print(f"READ initialised from {cfg.model.init_from} (connector, the LLM's trained weights, head, "
+                       "mask decoder)")
         self._boxes = self._view_boxes(encoder)  # SasP's token grid in SAM's frame, per image size
         self.model.vlm.encoder = None  # features and boxes are computed; the encoder is named in the bundle
         self.model.to(loop.device)
