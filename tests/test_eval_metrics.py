@@ -437,6 +437,46 @@ def test_paired_vqa_lines_per_kind_skip_kinds_too_small_to_pair():
     assert "  av: 1 question, too few to pair" in lines
 
 
+def test_across_seeds_counts_each_seed_once_with_students_t():
+    from mmkit.eval.paired import across_seeds, format_across_seeds, paired_difference
+
+    # seed 0: b wins 3 of 4 examples (+0.75); seed 1: b loses 1 of 8 (-0.125); the examples per seed differ
+    s0 = paired_difference([0, 0, 0, 1], [1, 1, 1, 1])
+    s1 = paired_difference([1] * 8, [1] * 7 + [0])
+    pooled = across_seeds([s0, s1])
+    assert pooled["mean_diff"] == pytest.approx((0.75 - 0.125) / 2)  # not the example-weighted 1/6
+    assert pooled["seed_stderr"] == pytest.approx(abs(0.75 + 0.125) / 2)  # sd of two values / sqrt(2)
+    half = 12.706 * pooled["seed_stderr"]
+    assert pooled["ci95"] == pytest.approx([pooled["mean_diff"] - half, pooled["mean_diff"] + half])
+    assert not pooled["separated"] and pooled["same_sign"] == 1 and pooled["per_seed"] == [0.75, -0.125]
+    assert format_across_seeds("x", pooled).startswith("x: +31.2 points over 2 seeds (seed SE 43.7")
+    three = across_seeds([s0, s0, paired_difference([0, 0, 0, 0], [1, 1, 1, 0])])
+    assert three["separated"] and three["same_sign"] == 3  # 0.75, 0.75, 0.75: no spread at all
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        across_seeds([s0])
+
+
+def test_seed_pooled_vqa_lines_pair_within_each_seed_and_pool_per_kind():
+    from mmkit.eval.vlm import seed_pooled_vqa_lines
+
+    def report(name, scores, sha):
+        return {"connector": f"runs/{name}/final", "vqa_per_question": scores, "vqa_questions_sha": sha,
+                "vqa_question_kinds": ["order", "order", "av", "av"]}
+
+    seed0 = [report("a0", [0, 0, 1, 1], "q0"), report("b0", [1, 1, 1, 1], "q0")]  # order +100, av 0
+    seed1 = [report("a1", [1, 0, 1, 1], "q1"), report("b1", [1, 1, 1, 0], "q1")]  # order +50, av -50
+    lines = seed_pooled_vqa_lines([seed0, seed1])
+    assert lines[0].startswith("VQA acc, b0/final minus a0/final | b1/final minus a1/final: +25.0 points over 2")
+    assert any(line.startswith("  order: +75.0 points over 2 seeds") and "per seed +100.0* +50.0" in line
+               for line in lines)
+    assert any(line.startswith("  av: -25.0 points over 2 seeds") for line in lines)
+    assert seed_pooled_vqa_lines([seed0]) == []
+    other_questions = [seed0[0], {**seed1[1], "vqa_questions_sha": "q0-not"}]
+    assert "not pooled over seeds" in seed_pooled_vqa_lines([seed0, other_questions])[0]
+    with pytest.raises(ValueError, match="same recipes in the same order"):
+        seed_pooled_vqa_lines([seed0, seed1[:1]])
+
+
 def test_giou_averages_per_example_and_ciou_pools_pixels():
     """Hand-made masks: gIoU is the mean of per-example IoUs, cIoU the pooled intersection over the pooled union;
     a "no mask" counts as an empty prediction, an empty truth and prediction as IoU 1."""

@@ -5,7 +5,8 @@ differences cancel what is hard or easy about each example. ``paired_difference`
 ``b - a`` over the examples, its standard error, a percentile-bootstrap 95% interval, and how often ``b`` won,
 lost or tied. ``separated`` is true when the interval excludes zero. It says nothing about training seeds: one
 paired run measures one pair of trained models, and the seed spread (other runs) can be larger than this
-interval.
+interval. ``across_seeds`` takes that step: the same comparison repeated with models trained from several seeds,
+judged by the spread of its per-seed differences.
 """
 
 from __future__ import annotations
@@ -67,4 +68,56 @@ def format_paired(name: str, result: dict, scale: float = 100.0, unit: str = "po
             f"losses {result['b_losses']} / ties {result['ties']} of {result['examples']})")
 
 
-__all__ = ["format_paired", "paired_difference", "unpairable"]
+# two-sided 95% quantiles of Student's t for 1..10 degrees of freedom; past that, the quantile at the
+# bracket's lower end (never smaller than the true one, so the interval errs wide)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def _t975(dof: int) -> float:
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    return 2.228 if dof <= 20 else 2.086 if dof <= 30 else 2.042 if dof <= 60 else 2.0
+
+
+def across_seeds(per_seed) -> dict:
+    """Pool paired comparisons of the same two recipes trained from different seeds (``paired_difference``
+    results, one per seed, each scored on its own or the same examples).
+
+    Each seed counts once: the estimate is the mean of the per-seed differences, and its error comes from how
+    much those differ from seed to seed (Student's t with seeds - 1 degrees of freedom), not from the number
+    of examples, since a new seed trains new models and the per-example interval cannot see that variance.
+    With two seeds the interval is wide (t = 12.7) by design: two runs say little about a third."""
+    per_seed = list(per_seed)
+    if len(per_seed) < 2:
+        raise ValueError(f"pooling over seeds needs at least 2 seeds' comparisons, got {len(per_seed)}")
+    means = np.array([r["mean_diff"] for r in per_seed], dtype=np.float64)  # (S,)
+    s = means.size
+    mean = float(means.mean())
+    stderr = float(means.std(ddof=1) / math.sqrt(s))
+    half = _t975(s - 1) * stderr
+    low, high = mean - half, mean + half
+    return {
+        "seeds": s,
+        "mean_diff": mean,
+        "seed_stderr": stderr,
+        "ci95": [low, high],
+        "separated": bool(low > 0 or high < 0),
+        "per_seed": [float(m) for m in means],
+        "per_seed_separated": [bool(r["separated"]) for r in per_seed],
+        "same_sign": int((np.sign(means) == np.sign(mean)).sum()) if mean != 0 else 0,
+    }
+
+
+def format_across_seeds(name: str, result: dict, scale: float = 100.0, unit: str = "points") -> str:
+    """One line: 'name: -1.2 points over 3 seeds (seed SE 3.1, 95% CI -14.6 .. +12.2; per seed -7.0 +4.5 -1.1*)',
+    where * marks a seed whose own paired interval excludes zero."""
+    lo, hi = (scale * x for x in result["ci95"])
+    seeds = " ".join(f"{scale * m:+.1f}{'*' if sep else ''}"
+                     for m, sep in zip(result["per_seed"], result["per_seed_separated"]))
+    return (f"{name}: {scale * result['mean_diff']:+.1f} {unit} over {result['seeds']} seeds (seed SE "
+            f"{scale * result['seed_stderr']:.1f}, 95% CI {lo:+.1f} .. {hi:+.1f}"
+            f"{', separated' if result['separated'] else ''}; same sign in {result['same_sign']} of "
+            f"{result['seeds']}; per seed {seeds})")
+
+
+__all__ = ["across_seeds", "format_across_seeds", "format_paired", "paired_difference", "unpairable"]

@@ -159,10 +159,28 @@ def table(results: Sequence[dict]) -> str:
     return "\n".join(rows)
 
 
+def _paired_vqa(base: dict, other: dict) -> dict | str:
+    """``other`` minus ``base`` per question: {"overall": paired result, kind: paired result or None when the
+    kind has too few questions}, or the reason they cannot be paired."""
+    from .paired import paired_difference, unpairable
+
+    reason = unpairable(base, other, scores="vqa_per_question", examples="vqa_questions_sha")
+    if reason:
+        return reason
+    out = {"overall": paired_difference(base["vqa_per_question"], other["vqa_per_question"])}
+    kinds = base.get("vqa_question_kinds") or other.get("vqa_question_kinds")
+    if kinds and len(set(kinds)) > 1:  # the same questions, so the same kinds, in order
+        for kind in sorted(set(kinds)):
+            pick = [j for j, k in enumerate(kinds) if k == kind]
+            out[kind] = None if len(pick) < 2 else paired_difference(
+                [base["vqa_per_question"][j] for j in pick], [other["vqa_per_question"][j] for j in pick])
+    return out
+
+
 def paired_vqa_lines(results: Sequence[dict]) -> list[str]:
     """VQA accuracy of each later model minus the first's, paired over the same questions (empty when fewer
     than two results carry per-question scores for the same questions)."""
-    from .paired import format_paired, paired_difference, unpairable
+    from .paired import format_paired
 
     scored = [r for r in results if "vqa_per_question" in r]
     if len(scored) < 2:
@@ -170,24 +188,49 @@ def paired_vqa_lines(results: Sequence[dict]) -> list[str]:
     base = scored[0]
     lines = []
     for r in scored[1:]:
-        reason = unpairable(base, r, scores="vqa_per_question", examples="vqa_questions_sha")
-        if reason:
-            lines.append(f"{connector_label(r['connector'])} vs {connector_label(base['connector'])}: {reason}; "
+        paired = _paired_vqa(base, r)
+        if isinstance(paired, str):
+            lines.append(f"{connector_label(r['connector'])} vs {connector_label(base['connector'])}: {paired}; "
                          "not paired")
             continue
         name = f"{connector_label(r['connector'])} minus {connector_label(base['connector'])}"
-        diff = paired_difference(base["vqa_per_question"], r["vqa_per_question"])
-        lines.append(format_paired(f"VQA acc, {name}", diff))
-        kinds = base.get("vqa_question_kinds") or r.get("vqa_question_kinds")
-        if kinds and len(set(kinds)) > 1:  # the same questions, so the same kinds, in order
-            for kind in sorted(set(kinds)):
-                pick = [j for j, k in enumerate(kinds) if k == kind]
-                if len(pick) < 2:
-                    lines.append(f"  {kind}: {len(pick)} question, too few to pair")
-                    continue
-                diff = paired_difference([base["vqa_per_question"][j] for j in pick],
-                                         [r["vqa_per_question"][j] for j in pick])
+        for kind, diff in paired.items():
+            if kind == "overall":
+                lines.append(format_paired(f"VQA acc, {name}", diff))
+            elif diff is None:
+                lines.append(f"  {kind}: 1 question, too few to pair")
+            else:
                 lines.append("  " + format_paired(f"{kind}, {name}", diff))
+    return lines
+
+
+def seed_pooled_vqa_lines(groups: Sequence[Sequence[dict]]) -> list[str]:
+    """The paired comparison of ``paired_vqa_lines`` repeated over training seeds and pooled: ``groups`` holds
+    one list of reports per seed, the same recipes in the same order (the first is the baseline). Each later
+    recipe's difference from the baseline is averaged over the seeds, each seed counting once
+    (``mmkit.eval.paired.across_seeds``), overall and per question kind."""
+    from .paired import across_seeds, format_across_seeds
+
+    if len(groups) < 2:
+        return []
+    sizes = {len(g) for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"every seed's group needs the same recipes in the same order; got groups of "
+                         f"{sorted(len(g) for g in groups)} reports")
+    lines = []
+    for i in range(1, sizes.pop()):
+        per_seed = [_paired_vqa(g[0], g[i]) for g in groups]
+        names = [f"{connector_label(g[i]['connector'])} minus {connector_label(g[0]['connector'])}" for g in groups]
+        bad = [f"{n}: {p}" for n, p in zip(names, per_seed) if isinstance(p, str)]
+        if bad:
+            lines.append(f"not pooled over seeds ({'; '.join(bad)})")
+            continue
+        name = " | ".join(names)
+        kinds = [k for k in per_seed[0] if all(k in p and p[k] is not None for p in per_seed)]
+        for kind in kinds:
+            pooled = across_seeds([p[kind] for p in per_seed])
+            label = f"VQA acc, {name}" if kind == "overall" else f"  {kind}"
+            lines.append(format_across_seeds(label, pooled))
     return lines
 
 
@@ -200,9 +243,10 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
 
     parser = argparse.ArgumentParser(description="Evaluate trained models (bundle or connector folders) on held-out images.")
     parser.add_argument("--connectors", nargs="+", default=[], help="model folders (e.g. outputs/x/final)")
-    parser.add_argument("--compare", nargs="+", default=[], metavar="JSON",
+    parser.add_argument("--compare", nargs="+", action="append", default=[], metavar="JSON",
                         help="instead of evaluating: table and paired VQA comparison (against the first) of "
-                             "earlier --json reports")
+                             "earlier --json reports; repeat the flag once per training seed, the same recipes "
+                             "in the same order each time, to pool the comparison over seeds too")
     parser.add_argument("--source", default="shapesworld", choices=SOURCES.names())
     parser.add_argument("--split", default="test", help="ShapesWorld split (held-out seeds: val or test)")
     parser.add_argument("--size", type=int, default=500, help="number of images")
@@ -220,11 +264,16 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
     if bool(args.connectors) == bool(args.compare):
         parser.error("give either --connectors (evaluate) or --compare (earlier JSON reports)")
     if args.compare:
-        reports = [r for path in args.compare for r in json.loads(Path(path).read_text())]
-        print(table(reports))
-        for line in paired_vqa_lines(reports):
-            print(line)
-        return reports
+        groups = [[r for path in paths for r in json.loads(Path(path).read_text())] for paths in args.compare]
+        for reports in groups:
+            print(table(reports))
+            for line in paired_vqa_lines(reports):
+                print(line)
+        if len(groups) > 1:
+            print(f"pooled over {len(groups)} seeds (each --compare one seed; each seed counts once):")
+            for line in seed_pooled_vqa_lines(groups):
+                print(line)
+        return [r for reports in groups for r in reports]
     accepted = source_options(args.source)
     options = {key: parse_override(f"x={getattr(args, key)}")[1] for _, key in _OPTION_FLAGS
                if getattr(args, key) is not None and key in accepted}
