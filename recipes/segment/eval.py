@@ -6,7 +6,9 @@ an HTML sheet of mask overlays (prediction red, ground truth outlined green, SAM
         --split test --size 300 --json outputs/eval/segment.json --sheet outputs/eval/segment.html
 
 With several models, every later one is also compared with the first on the same expressions (paired per-example
-IoU differences, ``mmkit.eval.paired``). ``--compare A.json B.json`` does the same from earlier reports.
+IoU differences, ``mmkit.eval.paired``). ``--compare A.json B.json`` does the same from earlier reports; the flag
+given once per training seed (``--compare A0.json B0.json --compare A1.json B1.json``) also pools the pairs over
+the seeds, each seed counting once.
 """
 
 import argparse
@@ -139,36 +141,9 @@ def paired_lines(results: list[dict]) -> list[dict]:
     return out
 
 
-def main(argv=None) -> list[dict]:
-    from mmkit.config import atomic_write_text
-
-    parser = argparse.ArgumentParser(description="gIoU / cIoU of READ models on held-out referring expressions.")
-    parser.add_argument("--models", nargs="+", type=Path, default=[], help="READ bundles (train.py's final/)")
-    parser.add_argument("--compare", nargs="+", type=Path, default=[], metavar="JSON",
-                        help="instead of evaluating: pair earlier reports of this script (the first is the baseline)")
-    parser.add_argument("--source", default="shapesworld_refer")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--size", type=int, default=300, help="images")
-    parser.add_argument("--refs-per-image", type=int, default=2)
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="data.options entries")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--feature-cache", default="outputs/features")
-    parser.add_argument("--sheet", default=None, help="write an HTML sheet of overlays (one per model)")
-    parser.add_argument("--sheet-examples", type=int, default=24)
-    parser.add_argument("--ablate-points", action="store_true",
-                        help="READ models: also decode every expression without SasP's points (the <SEG> prompt alone) "
-                             "and report what the points add, paired per expression")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if bool(args.models) == bool(args.compare):
-        parser.error("give either --models (evaluate) or --compare (pair earlier JSON reports)")
-    if args.compare:
-        results = [r for path in args.compare for r in json.loads(path.read_text())]
-    else:
-        results = [evaluate(m, args) for m in args.models]
+def print_report(results: list[dict]) -> None:
+    """The table, per-model lines and (with several) the paired comparisons against the first; the pairs are also
+    kept on the first result as ``paired_vs_first``."""
     print("| model | SasP | gIoU | cIoU | no mask | " + " | ".join(f"gIoU {k}" for k in results[0]["by_kind"]) + " |")
     print("|---|---|---|---|---|" + "---|" * len(results[0]["by_kind"]))
     for r in results:
@@ -205,6 +180,69 @@ def main(argv=None) -> list[dict]:
                 print(format_paired(f"named object best, {pair['model']} minus {pair['baseline']}",
                                     pair["grounding"]))
         results[0]["paired_vs_first"] = pairs
+
+
+def seed_pooled_lines(groups: list[list[dict]]) -> list[str]:
+    """The paired comparisons repeated over training seeds (one list of reports per seed, the same recipes in
+    the same order, the first the baseline) and pooled with each seed counting once
+    (``mmkit.eval.paired.across_seeds``)."""
+    from mmkit.eval.paired import across_seeds, format_across_seeds
+
+    if len({len(g) for g in groups}) != 1:
+        raise ValueError(f"every seed's --compare needs the same recipes in the same order; got "
+                         f"{[len(g) for g in groups]} reports")
+    per_seed = [paired_lines(g) for g in groups]  # per seed: one pair per later recipe
+    lines = []
+    for i in range(len(per_seed[0])):
+        pairs = [seed[i] for seed in per_seed]
+        name = " | ".join(f"{p['model']} minus {p['baseline']}" for p in pairs)
+        lines.append(format_across_seeds(f"gIoU, {name}", across_seeds([p["gIoU"] for p in pairs])))
+        if all("grounding" in p for p in pairs):
+            lines.append(format_across_seeds("  named object best",
+                                             across_seeds([p["grounding"] for p in pairs])))
+    return lines
+
+
+def main(argv=None) -> list[dict]:
+    from mmkit.config import atomic_write_text
+
+    parser = argparse.ArgumentParser(description="gIoU / cIoU of READ models on held-out referring expressions.")
+    parser.add_argument("--models", nargs="+", type=Path, default=[], help="READ bundles (train.py's final/)")
+    parser.add_argument("--compare", nargs="+", action="append", type=Path, default=[], metavar="JSON",
+                        help="instead of evaluating: pair earlier reports of this script (the first is the "
+                             "baseline); repeat the flag once per training seed, the same recipes in the same "
+                             "order, to pool the comparison over seeds too")
+    parser.add_argument("--source", default="shapesworld_refer")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--size", type=int, default=300, help="images")
+    parser.add_argument("--refs-per-image", type=int, default=2)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="data.options entries")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--feature-cache", default="outputs/features")
+    parser.add_argument("--sheet", default=None, help="write an HTML sheet of overlays (one per model)")
+    parser.add_argument("--sheet-examples", type=int, default=24)
+    parser.add_argument("--ablate-points", action="store_true",
+                        help="READ models: also decode every expression without SasP's points (the <SEG> prompt alone) "
+                             "and report what the points add, paired per expression")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if bool(args.models) == bool(args.compare):
+        parser.error("give either --models (evaluate) or --compare (pair earlier JSON reports)")
+    if args.compare:
+        groups = [[r for path in paths for r in json.loads(path.read_text())] for paths in args.compare]
+        for results in groups:
+            print_report(results)
+        if len(groups) > 1:
+            print(f"pooled over {len(groups)} seeds (each --compare one seed; each seed counts once):")
+            for line in seed_pooled_lines(groups):
+                print(line)
+        results = [r for results in groups for r in results]
+    else:
+        results = [evaluate(m, args) for m in args.models]
+        print_report(results)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.json), json.dumps(results, indent=2, default=float) + "\n")
