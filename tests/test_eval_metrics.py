@@ -450,8 +450,11 @@ def test_across_seeds_counts_each_seed_once_with_students_t():
     assert pooled["ci95"] == pytest.approx([pooled["mean_diff"] - half, pooled["mean_diff"] + half])
     assert not pooled["separated"] and pooled["same_sign"] == 1 and pooled["per_seed"] == [0.75, -0.125]
     assert format_across_seeds("x", pooled).startswith("x: +31.2 points over 2 seeds (seed SE 43.7")
-    three = across_seeds([s0, s0, paired_difference([0, 0, 0, 0], [1, 1, 1, 0])])
-    assert three["separated"] and three["same_sign"] == 3  # 0.75, 0.75, 0.75: no spread at all
+    same = across_seeds([s0, s0, paired_difference([0, 0, 0, 0], [1, 1, 1, 0])])  # 0.75 three times
+    assert not same["separated"] and "no spread between seeds: not informative" in format_across_seeds("x", same)
+    three = across_seeds([s0, paired_difference([0] * 4, [1, 1, 0, 0]), paired_difference([0] * 8, [1] * 5 + [0] * 3)])
+    assert three["mean_diff"] == pytest.approx(0.625) and three["same_sign"] == 3
+    assert three["ci95"][0] == pytest.approx(0.625 - 4.303 * 0.125 / 3 ** 0.5) and three["separated"]
     with pytest.raises(ValueError, match="at least 2 seeds"):
         across_seeds([s0])
 
@@ -471,10 +474,12 @@ def test_seed_pooled_vqa_lines_pair_within_each_seed_and_pool_per_kind():
                for line in lines)
     assert any(line.startswith("  av: -25.0 points over 2 seeds") for line in lines)
     assert seed_pooled_vqa_lines([seed0]) == []
-    other_questions = [seed0[0], {**seed1[1], "vqa_questions_sha": "q0-not"}]
+    other_questions = [seed1[0], {**seed1[1], "vqa_questions_sha": "q1-not"}]
     assert "not pooled over seeds" in seed_pooled_vqa_lines([seed0, other_questions])[0]
     with pytest.raises(ValueError, match="same recipes in the same order"):
         seed_pooled_vqa_lines([seed0, seed1[:1]])
+    with pytest.raises(ValueError, match=r"the same model is given for two seeds \(runs/a0/final\)"):
+        seed_pooled_vqa_lines([seed0, seed0])
 
 
 def test_giou_averages_per_example_and_ciou_pools_pixels():

@@ -122,8 +122,12 @@ def test_tiny_segment_recipe_trains_resumes_and_evaluates(sasp, tiny_parts, sam_
     assert abs(pairs[0]["grounding"]["mean_diff"] - expected) < 1e-9
     assert pairs[0]["grounding"]["examples"] == ground["expressions"] and "grounding" not in pairs[1]
     # the same pair given once per seed: pooled over the two, each seed once (here both seeds agree exactly)
-    flip = str(tmp_path / "flipped.json")
-    pooled = run("eval.py", ["--compare", str(out), flip, "--compare", str(out), flip], tmp_path).stdout
+    seed1 = []  # the same scores under other runs' names, as a second seed
+    for name, path in (("base", out), ("flipped", tmp_path / "flipped.json")):
+        seed1.append(tmp_path / f"{name}-seed1.json")
+        seed1[-1].write_text(json.dumps([{**r, "model": f"{r['model']}-seed1"} for r in json.loads(path.read_text())]))
+    pooled = run("eval.py", ["--compare", str(out), str(tmp_path / "flipped.json"), "--compare", *map(str, seed1)],
+                 tmp_path).stdout
     assert "pooled over 2 seeds" in pooled and "+0.0 points over 2 seeds (seed SE 0.0" in pooled
     assert f"  named object best: {100 * expected:+.1f} points over 2 seeds (seed SE 0.0" in pooled
     # the command line on a picture of its own

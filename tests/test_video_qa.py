@@ -68,9 +68,12 @@ def test_tiny_video_qa_recipe_trains_resumes_and_evaluates(tiny_parts, tmp_path)
     assert len(kinds) == len(result["vqa_per_question"]) and len(set(kinds)) > 1
     for kind in set(kinds):
         assert again.stdout.count(f"  {kind}, run/final minus run/final: +0.0 points") == 3
-    pooled = run("eval.py", ["--compare", str(out), "--compare", str(out)], tmp_path)  # one flag per seed
-    assert "pooled over 2 seeds" in pooled.stdout
-    assert "VQA acc, run/final minus run/final | run/final minus run/final: +0.0 points over 2 seeds" in pooled.stdout
+    other_seed = tmp_path / "other-seed.json"  # the same scores under another run's name, as a second seed
+    other_seed.write_text(json.dumps([{**r, "connector": "seed1/final"} for r in json.loads(out.read_text())]))
+    pooled = run("eval.py", ["--compare", str(out), str(out), "--compare", str(other_seed), str(other_seed)],
+                 tmp_path)  # one flag per seed
+    assert "pooled over 2 seeds" in pooled.stdout and "no spread between seeds" in pooled.stdout
+    assert "VQA acc, run/final minus run/final | seed1/final minus seed1/final: +0.0 points over 2" in pooled.stdout
     # the command line on a video file written from a held-out clip
     from mmkit.data.clips import ClipConfig, clip_audio, clip_frames, sample_clip
     from mmkit.data.media import write_video

@@ -101,11 +101,27 @@ def across_seeds(per_seed) -> dict:
         "mean_diff": mean,
         "seed_stderr": stderr,
         "ci95": [low, high],
-        "separated": bool(low > 0 or high < 0),
+        # identical per-seed differences (the same runs given twice, in practice) say nothing about seeds
+        "separated": bool(stderr > 0 and (low > 0 or high < 0)),
         "per_seed": [float(m) for m in means],
         "per_seed_separated": [bool(r["separated"]) for r in per_seed],
         "same_sign": int((np.sign(means) == np.sign(mean)).sum()) if mean != 0 else 0,
     }
+
+
+def distinct_per_seed(groups, name) -> None:
+    """Refuse seed groups (one list of reports per seed, the same recipes in the same order) that are not
+    distinct runs: unequal lengths, or one model (``name(report)``) given for two seeds."""
+    groups = [list(g) for g in groups]
+    if len({len(g) for g in groups}) != 1:
+        raise ValueError(f"every seed's group needs the same recipes in the same order; got groups of "
+                         f"{[len(g) for g in groups]} reports")
+    for i in range(len(groups[0])):
+        names = [name(g[i]) for g in groups]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"the same model is given for two seeds ({', '.join(twice)}); each group must hold "
+                             "another seed's runs")
 
 
 def format_across_seeds(name: str, result: dict, scale: float = 100.0, unit: str = "points") -> str:
@@ -114,10 +130,11 @@ def format_across_seeds(name: str, result: dict, scale: float = 100.0, unit: str
     lo, hi = (scale * x for x in result["ci95"])
     seeds = " ".join(f"{scale * m:+.1f}{'*' if sep else ''}"
                      for m, sep in zip(result["per_seed"], result["per_seed_separated"]))
+    spread = "" if result["seed_stderr"] > 0 else ", no spread between seeds: not informative"
     return (f"{name}: {scale * result['mean_diff']:+.1f} {unit} over {result['seeds']} seeds (seed SE "
             f"{scale * result['seed_stderr']:.1f}, 95% CI {lo:+.1f} .. {hi:+.1f}"
-            f"{', separated' if result['separated'] else ''}; same sign in {result['same_sign']} of "
+            f"{', separated' if result['separated'] else ''}{spread}; same sign in {result['same_sign']} of "
             f"{result['seeds']}; per seed {seeds})")
 
 
-__all__ = ["across_seeds", "format_across_seeds", "format_paired", "paired_difference", "unpairable"]
+__all__ = ["across_seeds", "distinct_per_seed", "format_across_seeds", "format_paired", "paired_difference", "unpairable"]

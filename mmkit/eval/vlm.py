@@ -209,16 +209,13 @@ def seed_pooled_vqa_lines(groups: Sequence[Sequence[dict]]) -> list[str]:
     one list of reports per seed, the same recipes in the same order (the first is the baseline). Each later
     recipe's difference from the baseline is averaged over the seeds, each seed counting once
     (``mmkit.eval.paired.across_seeds``), overall and per question kind."""
-    from .paired import across_seeds, format_across_seeds
+    from .paired import across_seeds, distinct_per_seed, format_across_seeds
 
     if len(groups) < 2:
         return []
-    sizes = {len(g) for g in groups}
-    if len(sizes) != 1:
-        raise ValueError(f"every seed's group needs the same recipes in the same order; got groups of "
-                         f"{sorted(len(g) for g in groups)} reports")
+    distinct_per_seed(groups, lambda r: r["connector"])
     lines = []
-    for i in range(1, sizes.pop()):
+    for i in range(1, len(groups[0])):
         per_seed = [_paired_vqa(g[0], g[i]) for g in groups]
         names = [f"{connector_label(g[i]['connector'])} minus {connector_label(g[0]['connector'])}" for g in groups]
         bad = [f"{n}: {p}" for n, p in zip(names, per_seed) if isinstance(p, str)]
@@ -265,13 +262,14 @@ def eval_main(default_tasks: Sequence[str], argv: list[str] | None = None) -> li
         parser.error("give either --connectors (evaluate) or --compare (earlier JSON reports)")
     if args.compare:
         groups = [[r for path in paths for r in json.loads(Path(path).read_text())] for paths in args.compare]
+        pooled = seed_pooled_vqa_lines(groups)  # first: refuses groups that do not pair before printing any
         for reports in groups:
             print(table(reports))
             for line in paired_vqa_lines(reports):
                 print(line)
-        if len(groups) > 1:
+        if pooled:
             print(f"pooled over {len(groups)} seeds (each --compare one seed; each seed counts once):")
-            for line in seed_pooled_vqa_lines(groups):
+            for line in pooled:
                 print(line)
         return [r for reports in groups for r in reports]
     accepted = source_options(args.source)

@@ -186,11 +186,9 @@ def seed_pooled_lines(groups: list[list[dict]]) -> list[str]:
     """The paired comparisons repeated over training seeds (one list of reports per seed, the same recipes in
     the same order, the first the baseline) and pooled with each seed counting once
     (``mmkit.eval.paired.across_seeds``)."""
-    from mmkit.eval.paired import across_seeds, format_across_seeds
+    from mmkit.eval.paired import across_seeds, distinct_per_seed, format_across_seeds
 
-    if len({len(g) for g in groups}) != 1:
-        raise ValueError(f"every seed's --compare needs the same recipes in the same order; got "
-                         f"{[len(g) for g in groups]} reports")
+    distinct_per_seed(groups, lambda r: r["model"])
     per_seed = [paired_lines(g) for g in groups]  # per seed: one pair per later recipe
     lines = []
     for i in range(len(per_seed[0])):
@@ -233,11 +231,12 @@ def main(argv=None) -> list[dict]:
         parser.error("give either --models (evaluate) or --compare (pair earlier JSON reports)")
     if args.compare:
         groups = [[r for path in paths for r in json.loads(path.read_text())] for paths in args.compare]
+        pooled = seed_pooled_lines(groups) if len(groups) > 1 else []  # first: refuses groups that do not pair
         for results in groups:
             print_report(results)
-        if len(groups) > 1:
+        if pooled:
             print(f"pooled over {len(groups)} seeds (each --compare one seed; each seed counts once):")
-            for line in seed_pooled_lines(groups):
+            for line in pooled:
                 print(line)
         results = [r for results in groups for r in results]
     else:
