@@ -450,6 +450,13 @@ def test_across_seeds_counts_each_seed_once_with_students_t():
     assert pooled["ci95"] == pytest.approx([pooled["mean_diff"] - half, pooled["mean_diff"] + half])
     assert not pooled["separated"] and pooled["same_sign"] == 1 and pooled["per_seed"] == [0.75, -0.125]
     assert format_across_seeds("x", pooled).startswith("x: +31.2 points over 2 seeds (seed SE 43.7")
+    # the examples-as-one-sample reading weights seeds by their examples and keeps only within-seed noise
+    fixed = pooled["examples_pooled"]
+    assert fixed["examples"] == 12 and fixed["mean_diff"] == pytest.approx((3 - 1) / 12)  # = the 12 diffs' mean
+    assert fixed["stderr"] == pytest.approx(((4 * s0["stderr"]) ** 2 + (8 * s1["stderr"]) ** 2) ** 0.5 / 12)
+    assert fixed["ci95"] == pytest.approx([fixed["mean_diff"] - 1.96 * fixed["stderr"],
+                                           fixed["mean_diff"] + 1.96 * fixed["stderr"]])
+    assert "all 12 examples as one sample, these models only: +16.7, SE " in format_across_seeds("x", pooled)
     same = across_seeds([s0, s0, paired_difference([0, 0, 0, 0], [1, 1, 1, 0])])  # 0.75 three times
     assert not same["separated"] and "no spread between seeds: not informative" in format_across_seeds("x", same)
     three = across_seeds([s0, paired_difference([0] * 4, [1, 1, 0, 0]), paired_difference([0] * 8, [1] * 5 + [0] * 3)])

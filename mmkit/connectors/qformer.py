@@ -226,7 +226,9 @@ class QFormerConnector(Connector):
         window, window_mask, n_windows = self.windows(features, mask)  # (W, M, D), (W, M)
         states = self.query_states(window, window_mask)  # (W, Q, hidden)
         if cfg.diversity_weight and cfg.diversity_on == "queries":
-            self._diversity_states = states  # read (once) by losses() for this batch
+            # read (once) by losses() for this batch; a forward with grad on whose losses() is never called keeps
+            # this batch's graph alive until the next forward replaces it (one batch at most)
+            self._diversity_states = states
         tokens = self.proj(states)  # (W, Q, llm_dim)
         real = window_mask.any(dim=1)  # (W,) windows holding at least one real frame token
         out_mask = real[:, None].expand(-1, cfg.num_queries).reshape(B, n_windows * cfg.num_queries)

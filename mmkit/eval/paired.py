@@ -86,7 +86,12 @@ def across_seeds(per_seed) -> dict:
     Each seed counts once: the estimate is the mean of the per-seed differences, and its error comes from how
     much those differ from seed to seed (Student's t with seeds - 1 degrees of freedom), not from the number
     of examples, since a new seed trains new models and the per-example interval cannot see that variance.
-    With two seeds the interval is wide (t = 12.7) by design: two runs say little about a third."""
+    With two seeds the interval is wide (t = 12.7) by design: two runs say little about a third.
+
+    ``examples_pooled`` is the other reading, for these trained models only: every seed's examples as one
+    paired sample, stratified by seed (example-weighted mean; variance from each seed's own standard error;
+    normal 95% interval). It leaves out the seed-to-seed spread, so it answers "how far apart are the models
+    we trained", not "how far apart would new seeds land"."""
     per_seed = list(per_seed)
     if len(per_seed) < 2:
         raise ValueError(f"pooling over seeds needs at least 2 seeds' comparisons, got {len(per_seed)}")
@@ -96,6 +101,11 @@ def across_seeds(per_seed) -> dict:
     stderr = float(means.std(ddof=1) / math.sqrt(s))
     half = _t975(s - 1) * stderr
     low, high = mean - half, mean + half
+    counts = np.array([r["examples"] for r in per_seed], dtype=np.float64)  # (S,)
+    errors = np.array([r["stderr"] for r in per_seed], dtype=np.float64)  # (S,)
+    pooled_mean = float((counts * means).sum() / counts.sum())
+    pooled_se = float(math.sqrt(((counts * errors) ** 2).sum()) / counts.sum())
+    pooled_ci = [pooled_mean - 1.96 * pooled_se, pooled_mean + 1.96 * pooled_se]
     return {
         "seeds": s,
         "mean_diff": mean,
@@ -106,6 +116,8 @@ def across_seeds(per_seed) -> dict:
         "per_seed": [float(m) for m in means],
         "per_seed_separated": [bool(r["separated"]) for r in per_seed],
         "same_sign": int((np.sign(means) == np.sign(mean)).sum()) if mean != 0 else 0,
+        "examples_pooled": {"examples": int(counts.sum()), "mean_diff": pooled_mean, "stderr": pooled_se,
+                            "ci95": pooled_ci, "separated": bool(pooled_ci[0] > 0 or pooled_ci[1] < 0)},
     }
 
 
@@ -125,7 +137,8 @@ def distinct_per_seed(groups, name) -> None:
 
 
 def format_across_seeds(name: str, result: dict, scale: float = 100.0, unit: str = "points") -> str:
-    """One line: 'name: -1.2 points over 3 seeds (seed SE 3.1, 95% CI -14.6 .. +12.2; per seed -7.0 +4.5 -1.1*)',
+    """One line: 'name: -1.2 points over 3 seeds (seed SE 3.1, 95% CI -14.6 .. +12.2; same sign in 1 of 3; per
+    seed -7.0 +4.5 -1.1*; all 600 examples as one sample, these models only: -1.2, SE 2.8, CI -6.7 .. +4.3)',
     where * marks a seed whose own paired interval excludes zero."""
     lo, hi = (scale * x for x in result["ci95"])
     seeds = " ".join(f"{scale * m:+.1f}{'*' if sep else ''}"
@@ -134,7 +147,14 @@ def format_across_seeds(name: str, result: dict, scale: float = 100.0, unit: str
     return (f"{name}: {scale * result['mean_diff']:+.1f} {unit} over {result['seeds']} seeds (seed SE "
             f"{scale * result['seed_stderr']:.1f}, 95% CI {lo:+.1f} .. {hi:+.1f}"
             f"{', separated' if result['separated'] else ''}{spread}; same sign in {result['same_sign']} of "
-            f"{result['seeds']}; per seed {seeds})")
+            f"{result['seeds']}; per seed {seeds}; {_examples_pooled(result, scale)})")
+
+
+def _examples_pooled(result: dict, scale: float) -> str:
+    pooled = result["examples_pooled"]
+    lo, hi = (scale * x for x in pooled["ci95"])
+    return (f"all {pooled['examples']} examples as one sample, these models only: {scale * pooled['mean_diff']:+.1f}, "
+            f"SE {scale * pooled['stderr']:.1f}, CI {lo:+.1f} .. {hi:+.1f}{', separated' if pooled['separated'] else ''}")
 
 
 __all__ = ["across_seeds", "distinct_per_seed", "format_across_seeds", "format_paired", "paired_difference", "unpairable"]
